@@ -1,0 +1,162 @@
+"""Checkpoints with megatron-core dist_checkpointing: atomic saves, keep-last-K, resume, stage hand-off.
+
+Layout of a stage's checkpoint root (<run_dir>/checkpoints):
+    step_00000050/        a complete checkpoint (dist_checkpointing files + omni_train.json)
+    step_00000100.tmp/    a save in progress (or one killed half way): never read, removed at start
+    latest                text file naming the newest complete checkpoint, replaced atomically
+
+A save writes into `step_N.tmp`, waits for every rank, then rank 0 writes omni_train.json, renames the
+directory to `step_N` and only then points `latest` at it. A process killed at any moment leaves
+`latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+MARKER = "omni_train.json"
+LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides model and optimizer to continue exactly where it stopped."""
+
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _sharded_rng() -> ShardedObject:
+    """Each rank's RNG states, stored once per rank."""
+    return ShardedObject("rng_state", _rng_state(), (_world(),), (_rank(),), replica_id=0)
+
+
+def resolve_init_from(init_from: str, run_dir: Path) -> Path:
+    """`stage:<name>` -> the final checkpoint of that stage inside the same run root; else a path."""
+    if init_from.startswith("stage:"):
+        source = run_dir.parent / init_from.removeprefix("stage:") / "checkpoints"
+    else:
+        source = Path(init_from)
+    found = latest_checkpoint(source) if not (source / MARKER).exists() else source
+    if found is None:
+        raise FileNotFoundError(f"init_from={init_from}: no complete checkpoint under {source}")
+    return found
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under `root`, or None."""
+    pointer = root / LATEST
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / MARKER).exists():
+            return path
+    complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / MARKER).exists())
+    return complete[-1] if complete else None
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int):
+        self.root = root
+        self.keep_last = keep_last
+        if _rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob("step_*.tmp"):  # a save that was killed: never complete
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+
+    def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
+        model_sd = model.sharded_state_dict()
+        state = {"model": model_sd, "rng_state": _sharded_rng()}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        return state
+
+    def save(self, model, optimizer, scheduler, train_state: TrainState) -> Path:
+        name = f"step_{train_state.step:08d}"
+        final, tmp = self.root / name, self.root / f"{name}.tmp"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = self._sharded_state(model, optimizer, is_loading=False)
+        state["scheduler"] = scheduler.state_dict()
+        state["train_state"] = vars(train_state).copy()
+        dist_checkpointing.save(state, str(tmp))
+        _barrier()
+        if _rank() == 0:
+            (tmp / MARKER).write_text(json.dumps(vars(train_state)))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_atomic(self.root / LATEST, name)
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        complete = sorted(p for p in self.root.glob("step_*") if p.suffix != ".tmp")
+        for old in complete[: -self.keep_last]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, model, optimizer, scheduler) -> TrainState:
+        """Restore everything (resume). Returns the saved TrainState."""
+        state = self._sharded_state(model, optimizer, is_loading=True)
+        loaded = dist_checkpointing.load(state, str(path))
+        model.load_state_dict(loaded["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(loaded["scheduler"])
+        _set_rng_state(loaded["rng_state"])
+        return TrainState(**loaded["train_state"])
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Stage hand-off: take only the model weights of another checkpoint."""
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(loaded["model"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,135 @@
+"""Typed configuration schemas, one dataclass per config group.
+
+Every field is a primitive (str, int, float, bool, list, Optional). Torch objects are built from these in
+``build_*`` functions; no component ever receives the whole tree, only its own sub-config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the Thinker's MoE language model (Qwen3-MoE architecture)."""
+
+    flavor: str = MISSING
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING  # GQA: key/value heads
+    head_dim: int = MISSING  # independent of hidden_size / heads, as in Qwen3
+    num_experts: int = MISSING
+    router_topk: int = MISSING
+    moe_ffn_hidden_size: int = MISSING  # per routed expert
+    rope_theta: float = 1_000_000.0
+    # TM-RoPE: rotary angles given to the temporal / height / width position ids, interleaved across the
+    # rotary dimension. Must sum to head_dim // 2.
+    mrope_section: List[int] = field(default_factory=lambda: [24, 20, 20])
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 65536
+    init_std: float = 0.02
+    # Load balancing: "aux_loss" (switch-style auxiliary loss, coefficient below) or "expert_bias"
+    # (aux-loss-free: a per-expert bias nudged towards balance after every step).
+    load_balancing: str = "aux_loss"
+    aux_loss_coeff: float = 1e-3
+    expert_bias_update_rate: float = 1e-3
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Data parallel size is derived: world_size / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    token_dispatcher: str = "alltoall"  # "alltoall" | "allgather"
+    distributed_optimizer: bool = True  # used on GPU; the CPU path runs the plain megatron optimizer
+    backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU) | "nccl" | "gloo"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    lr_decay: str = "cosine"  # "cosine" | "linear" | "constant"
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    # Save a checkpoint and exit cleanly after this step, as a preempted job would. The LR schedule still
+    # follows max_steps.
+    stop_at_step: Optional[int] = None
+    log_every: int = 1
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 2  # sequences per forward pass on one rank
+    seq_length: int = 128
+    seed: int = 1234
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic_text"
+    seed: int = 0
+    # synthetic_text: a seeded stream of token sequences with learnable structure
+    num_patterns: int = 64
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # "none" | "wandb"
+    project: str = "omni-train"
+    entity: Optional[str] = None
+    # "offline" | "online" | "disabled"; tiny recipes read WANDB_MODE and fall back to offline.
+    mode: str = "offline"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50
+    keep_last: int = 2
+    save_at_end: bool = True
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    # Regular expressions over parameter names; a parameter trains when it matches `trainable` and not
+    # `frozen`.
+    trainable: List[str] = field(default_factory=lambda: [".*"])
+    frozen: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stage: StageConfig = MISSING
+    # The stage's own directory. Its parent is the run root, in which `init_from=stage:<name>` resolves.
+    run_dir: str = MISSING
+    # Start from another checkpoint: "stage:<name>" (that stage's final checkpoint in the run root) or a path.
+    init_from: Optional[str] = None
+    # Build on the meta device, print parameter counts and shard shapes, allocate nothing, exit.
+    dry_run: bool = False

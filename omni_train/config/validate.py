@@ -1,0 +1,103 @@
+"""Checks a composed config before anything is built. Each failure names the key at fault."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from omni_train.config.compose import ConfigError
+
+CHOICES = {
+    "parallel.token_dispatcher": ("alltoall", "allgather"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "optim.name": ("adamw",),
+    "optim.lr_decay": ("cosine", "linear", "constant"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
+    "logger.name": ("none", "wandb"),
+    "logger.mode": ("offline", "online", "disabled"),
+    "model.load_balancing": ("aux_loss", "expert_bias"),
+    "data.name": ("synthetic_text",),
+}
+
+POSITIVE = (
+    "parallel.tp", "parallel.pp", "parallel.ep", "parallel.cp",
+    "trainer.max_steps", "trainer.log_every", "trainer.global_batch_size", "trainer.micro_batch_size",
+    "trainer.seq_length", "checkpoint.save_every", "checkpoint.keep_last",
+    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
+    "model.head_dim", "model.num_experts", "model.router_topk", "model.vocab_size",
+)
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(key, problem)
+
+
+def _check_values(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _require(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        _require(value > 0, key, f"must be > 0, got {value}")
+    _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    model = cfg.model
+    _require(model.router_topk <= model.num_experts, "model.router_topk",
+             f"{model.router_topk} exceeds model.num_experts={model.num_experts}")
+    _require(model.num_attention_heads % model.num_query_groups == 0, "model.num_query_groups",
+             f"{model.num_query_groups} does not divide model.num_attention_heads={model.num_attention_heads}")
+    _require(sum(model.mrope_section) * 2 == model.head_dim, "model.mrope_section",
+             f"sections {list(model.mrope_section)} must sum to model.head_dim/2={model.head_dim // 2}")
+    stop = cfg.trainer.stop_at_step
+    _require(stop is None or 1 <= stop <= cfg.trainer.max_steps, "trainer.stop_at_step",
+             f"{stop} is outside 1..trainer.max_steps={cfg.trainer.max_steps}")
+    init_from = cfg.init_from
+    _require(init_from is None or not init_from.startswith("stage:") or len(init_from) > 6,
+             "init_from", "expected stage:<name> or a checkpoint path")
+
+
+def _check_layout(cfg: DictConfig, world_size: int) -> None:
+    par, model, trainer = cfg.parallel, cfg.model, cfg.trainer
+    model_parallel = par.tp * par.pp * par.cp
+    for name in ("tp", "pp", "cp", "ep"):
+        size = par[name]
+        _require(world_size % size == 0, f"parallel.{name}",
+                 f"world size {world_size} is not divisible by {name}={size}")
+    _require(world_size % model_parallel == 0, "parallel.tp",
+             f"world size {world_size} is not divisible by tp*pp*cp={par.tp}*{par.pp}*{par.cp}")
+    _require(world_size % (par.tp * par.pp * par.ep) == 0, "parallel.ep",
+             f"world size {world_size} is not divisible by tp*pp*ep={par.tp}*{par.pp}*{par.ep}")
+    _require(model.num_experts % par.ep == 0, "parallel.ep",
+             f"model.num_experts={model.num_experts} is not divisible by ep={par.ep}")
+    _require(model.num_attention_heads % par.tp == 0, "parallel.tp",
+             f"model.num_attention_heads={model.num_attention_heads} is not divisible by tp={par.tp}")
+    _require(model.num_query_groups % par.tp == 0, "parallel.tp",
+             f"model.num_query_groups={model.num_query_groups} is not divisible by tp={par.tp}")
+    _require(model.num_layers % par.pp == 0, "parallel.pp",
+             f"model.num_layers={model.num_layers} is not divisible by pp={par.pp}")
+    _require(not par.sequence_parallel or par.tp > 1, "parallel.sequence_parallel", "needs tp > 1")
+    _require(trainer.seq_length % (2 * par.cp) == 0 or par.cp == 1, "trainer.seq_length",
+             f"{trainer.seq_length} is not divisible by 2*cp={2 * par.cp}")
+    dp = world_size // model_parallel
+    per_step = trainer.micro_batch_size * dp
+    _require(trainer.global_batch_size % per_step == 0, "trainer.global_batch_size",
+             f"{trainer.global_batch_size} is not divisible by micro_batch_size*dp="
+             f"{trainer.micro_batch_size}*{dp}")
+
+
+def validate_config(cfg: DictConfig, world_size: int, cuda_available: bool) -> None:
+    """Raise ConfigError (one line, naming the key) if `cfg` cannot run on `world_size` processes."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as exc:
+        from omni_train.config.compose import as_config_error
+
+        raise as_config_error(exc) from exc
+    _check_values(cfg)
+    _check_layout(cfg, world_size)
+    trainer = cfg.trainer
+    _require(trainer.device != "cuda" or cuda_available, "trainer.device",
+             "cuda requested but no GPU is visible")
+    on_gpu = trainer.device == "cuda" or (trainer.device == "auto" and cuda_available)
+    _require(on_gpu or trainer.precision != "bf16", "trainer.precision",
+             "bf16 needs a GPU; CPU runs are fp32")

@@ -1,0 +1,187 @@
+"""The one training loop: accumulate micro-batches, clip, step, log, checkpoint.
+
+What a stage trains, on which data and with which loss comes from its Stage (omni_train/stages/); the
+loop itself never asks which stage it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+from omegaconf import OmegaConf
+
+from omni_train.checkpoint.manager import (
+    CheckpointManager,
+    TrainState,
+    latest_checkpoint,
+    load_model_weights,
+    resolve_init_from,
+)
+from omni_train.config import TrainConfig
+from omni_train.data.synthetic_text import step_sample_indices
+from omni_train.metrics import MetricsLogger, Throughput, peak_memory_gib
+from omni_train.models.moe_load import ExpertLoadTracker
+from omni_train.parallel.setup import ParallelEnv
+from omni_train.parallel.wrap import build_optimizer, build_scheduler, wrap_data_parallel
+from omni_train.stages import Stage, apply_trainable, load_stage
+
+
+def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _global_loss(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Mean loss per token over the global batch, as every rank sees it.
+
+    Loss lives on the last pipeline stage; tensor-parallel ranks hold copies, so only tp rank 0 of the
+    last stage contributes its (loss sum, token count) to a world-wide sum.
+    """
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    contributes = parallel_state.is_pipeline_last_stage() and (
+        parallel_state.get_tensor_model_parallel_rank() == 0)
+    if contributes:
+        for report in reports:
+            total += report["lm_loss"].to(device, torch.float64)
+    dist.all_reduce(total)
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: ParallelEnv, resolved: Dict[str, Any]):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run_dir)
+        self.stage: Stage = load_stage(cfg.stage)
+        precision = cfg.trainer.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and env.on_gpu)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(cfg.optim, self.model, cfg.parallel, self.bf16, env.on_gpu)
+        self.scheduler = build_scheduler(cfg.optim, cfg.trainer, self.optimizer)
+        self._connect_schedule()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.state = self._restore()
+        self.data = self.stage.build_data(cfg)
+        self.logger = MetricsLogger(cfg.logger, self.run_dir, resolved) if env.is_main else None
+        self.load_tracker = ExpertLoadTracker(self.model)
+        self.throughput = Throughput(cfg.model, cfg.trainer.seq_length, env.world_size)
+
+    def _build_model(self):
+        cfg, env = self.cfg, self.env
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        model = self.stage.build_model(
+            cfg, env, dtype,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        counts = apply_trainable(model, cfg.stage)
+        if env.is_main:
+            print(f"stage {cfg.stage.name}: {counts['trainable']:,} trainable, "
+                  f"{counts['frozen']:,} frozen parameters on rank 0", flush=True)
+        return wrap_data_parallel(model, cfg.parallel, env.on_gpu)
+
+    def _connect_schedule(self) -> None:
+        """What megatron's forward/backward schedule calls back into (as Megatron-LM's trainer does)."""
+        config = get_model_config(self.model)
+        config.no_sync_func = self.model.no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+
+    def _restore(self) -> TrainState:
+        latest = latest_checkpoint(self.checkpoints.root)
+        if latest is not None:
+            state = self.checkpoints.load(latest, self.model, self.optimizer, self.scheduler)
+            self._say(f"resumed from {latest} at step {state.step}")
+            return state
+        if self.cfg.init_from:
+            source = resolve_init_from(self.cfg.init_from, self.run_dir)
+            load_model_weights(source, self.model)
+            self._say(f"initialised model weights from {source}")
+        return TrainState()
+
+    def _say(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def _forward_step(self, data_iterator, model):
+        return self.stage.forward(model, next(data_iterator))
+
+    def train_step(self) -> Dict[str, float]:
+        trainer = self.cfg.trainer
+        micro = step_sample_indices(self.state.step, trainer.global_batch_size, self.env.dp_rank,
+                                    self.env.dp_size, trainer.micro_batch_size)
+        batches = iter([_to_device(self.data.batch(ix), self.env.device) for ix in micro])
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=batches, model=[self.model],
+            num_microbatches=len(micro), seq_length=trainer.seq_length,
+            micro_batch_size=trainer.micro_batch_size, forward_only=False,
+        )
+        # The LR of step s+1 (1-based) applies to this update; the schedule ends at max_steps.
+        self.scheduler.step(increment=1)
+        _, grad_norm, _ = self.optimizer.step()
+        self.state.step += 1
+        self.state.consumed_samples += trainer.global_batch_size
+        self.throughput.add(trainer.global_batch_size * trainer.seq_length)
+        return {
+            "loss": _global_loss(reports, self.env.device),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        }
+
+    def _log(self, values: Dict[str, float]) -> None:
+        imbalance = self.load_tracker.imbalance(
+            parallel_state.get_data_parallel_group(with_context_parallel=True))
+        if self.logger is None:
+            return
+        values = dict(values, **self.throughput.report())
+        values["peak_memory_gib"] = peak_memory_gib(self.env.device)
+        if imbalance:
+            values["moe_load_imbalance_max"] = max(imbalance)
+            values["moe_load_imbalance"] = imbalance
+        self.logger.log(self.state.step, values)
+
+    def save(self) -> None:
+        path = self.checkpoints.save(self.model, self.optimizer, self.scheduler, self.state)
+        self._say(f"saved checkpoint {path}")
+
+    def fit(self) -> None:
+        trainer, ckpt = self.cfg.trainer, self.cfg.checkpoint
+        last = trainer.stop_at_step or trainer.max_steps
+        if self.state.step >= last:
+            self._say(f"nothing to do: already at step {self.state.step} (target {last})")
+        saved_at = self.state.step
+        while self.state.step < last:
+            values = self.train_step()
+            step = self.state.step
+            if step % trainer.log_every == 0 or step == last:
+                self._log(values)
+            if step % ckpt.save_every == 0:
+                self.save()
+                saved_at = step
+        finished = self.state.step >= trainer.max_steps
+        if saved_at != self.state.step and (not finished or ckpt.save_at_end):
+            self.save()  # stop_at_step always saves: the job is expected to be resumed
+        if not finished:
+            self._say(f"stopped after step {self.state.step} (trainer.stop_at_step); rerun to resume")
+        if self.logger is not None:
+            self.logger.finish()
+
+
+def train(cfg: TrainConfig, env: ParallelEnv) -> None:
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        OmegaConf.save(OmegaConf.create(resolved), Path(cfg.run_dir) / "config.yaml")
+    start = time.perf_counter()
+    Trainer(cfg, env, resolved).fit()
+    if env.is_main:
+        print(f"done in {time.perf_counter() - start:.1f}s; run directory: {cfg.run_dir}", flush=True)

@@ -1,0 +1,151 @@
+"""The one place where training metrics are computed and written: console, metrics.jsonl, W&B, plot."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from omni_train.config import LoggerConfig, ModelConfig
+
+# Dense bf16 tensor-core peak used for MFU, FLOP/s per device (H100/H200 SXM datasheet).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward), Megatron's MoE formula.
+
+    6 * (active linear parameters per token) for the projections, routed SwiGLU experts (3 matrices,
+    top-k of them), router and output layer, plus the causal core attention 6 * L * S * q_dim
+    (QK^T and AV, half of the S x S square on average).
+    """
+    h, layers = model.hidden_size, model.num_layers
+    q_dim = model.num_attention_heads * model.head_dim
+    kv_dim = model.num_query_groups * model.head_dim
+    attention = h * (2 * q_dim + 2 * kv_dim)
+    experts = 3 * h * model.router_topk * model.moe_ffn_hidden_size
+    router = h * model.num_experts
+    linear = layers * (attention + experts + router) + h * model.vocab_size
+    return 6.0 * linear + 6.0 * layers * seq_length * q_dim
+
+
+def device_peak_flops() -> Optional[float]:
+    """Peak bf16 FLOP/s of the current GPU, or None when unknown (CPU runs report no MFU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class Throughput:
+    """Tokens/s, achieved TFLOP/s and MFU over the steps since the last report."""
+
+    def __init__(self, model: ModelConfig, seq_length: int, world_size: int):
+        self.flops_per_token = flops_per_token(model, seq_length)
+        self.peak = device_peak_flops()
+        self.world_size = world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def report(self) -> Dict[str, float]:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        tokens_per_s = self.tokens / seconds
+        flops_per_device = tokens_per_s * self.flops_per_token / self.world_size
+        out = {"tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12}
+        if self.peak:
+            out["mfu"] = flops_per_device / self.peak
+        self.reset()
+        return out
+
+
+class MetricsLogger:
+    """Writes each logged step to the console and <run_dir>/metrics.jsonl, and to W&B when chosen.
+
+    Only rank 0 holds one; other ranks log nothing.
+    """
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, resolved_config: Dict[str, Any]):
+        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = run_dir
+        self.wandb = None
+        if cfg.name == "wandb":
+            import wandb  # imported here: logger=none runs never need it
+
+            self.wandb = wandb.init(
+                project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=cfg.run_name,
+                dir=str(run_dir), config=resolved_config,
+                id=_stable_run_id(run_dir), resume="allow",
+            )
+
+    def log(self, step: int, values: Dict[str, Any]) -> None:
+        record = {"step": step, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(_format(record), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def finish(self) -> None:
+        plot_loss_curve(self.path, self.run_dir / "loss_curve.png")
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _stable_run_id(run_dir: Path) -> str:
+    """One W&B run per run directory, so a resumed job continues the same W&B run."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def _format(record: Dict[str, Any]) -> str:
+    parts = []
+    for key, value in record.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif not isinstance(value, (list, dict)):
+            parts.append(f"{key}={value}")
+    return " | ".join(parts)
+
+
+def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:
+    """Loss against step for every record in metrics.jsonl (a resumed run's steps included)."""
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_step = {r["step"]: r["loss"] for r in read_metrics(metrics_path) if "loss" in r}
+    steps = sorted(by_step)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [by_step[s] for s in steps])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

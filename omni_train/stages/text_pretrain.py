@@ -1,0 +1,28 @@
+"""Text-only pretraining of the Thinker LM on a token stream."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from omni_train.data.synthetic_text import SyntheticTextStream
+from omni_train.losses.lm import masked_token_loss
+from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.stages import Stage
+
+
+def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
+    return build_thinker_lm(cfg.model, cfg.parallel, device=env.device, params_dtype=params_dtype,
+                            pre_process=pre_process, post_process=post_process)
+
+
+def build_data(cfg):
+    return SyntheticTextStream(cfg.data, cfg.model.vocab_size, cfg.trainer.seq_length)
+
+
+def forward(model, batch):
+    per_token_loss = model(batch["input_ids"], batch["position_ids"], attention_mask=None,
+                           labels=batch["labels"])
+    return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"])
+
+
+STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward)

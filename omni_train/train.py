@@ -1,0 +1,63 @@
+"""Entry point: `omni-train [overrides]` or `torchrun ... -m omni_train.train [overrides]`.
+
+Compose the config, check it (before torch.distributed or any model exists), then run the stage.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import List
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from omni_train.config import CONF_DIR, ConfigError, TrainConfig, compose, register_schemas, validate_config
+
+
+def _user_overrides(argv: List[str]) -> List[str]:
+    """The config overrides among Hydra's arguments (its flags and hydra.* settings are Hydra's own)."""
+    return [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
+
+
+def preflight(argv: List[str]) -> None:
+    """Fail in seconds, with one line naming the key, on any config this job cannot run."""
+    import torch
+
+    cfg = compose(_user_overrides(argv))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_config(cfg, world_size=world_size, cuda_available=torch.cuda.is_available())
+
+
+def run(cfg: DictConfig) -> None:
+    train_cfg: TrainConfig = OmegaConf.to_object(cfg)
+    if train_cfg.dry_run:
+        from omni_train.models.thinker_lm import print_dry_run
+
+        print_dry_run(train_cfg.model, train_cfg.parallel)
+        return
+    from omni_train.loop import train
+    from omni_train.parallel.setup import choose_device, init_parallel, shutdown_parallel
+
+    env = init_parallel(train_cfg.parallel, choose_device(train_cfg.trainer.device), train_cfg.trainer.seed)
+    try:
+        train(train_cfg, env)
+    finally:
+        shutdown_parallel()
+
+
+register_schemas()
+hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(run)
+
+
+def main() -> None:
+    try:
+        preflight(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"omni-train: config error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="omni-train",
+    version="0.1.0",
+    description="Multi-stage distributed training for Qwen3-Omni-style omni-modal MoE models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["omni_train", "omni_train.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "deepspeed>=0.17",
+        "transformers>=5.0",
+        "trl>=1.0",
+        "accelerate>=1.0",
+        "webdataset>=1.0",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3,<2.4",
+        "wandb>=0.19",
+        "datasets>=3.0",
+        "numpy>=1.26",
+        "pillow>=10",
+        "soundfile>=0.12",
+        "matplotlib>=3.8",
+        "safetensors>=0.4",
+        "einops>=0.7",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["omni-train=omni_train.train:main"]},
+)

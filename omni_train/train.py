@@ -32,7 +32,7 @@ def preflight(argv: List[str]) -> None:
 def run(cfg: DictConfig) -> None:
     train_cfg: TrainConfig = OmegaConf.to_object(cfg)
     if train_cfg.dry_run:
-        from omni_train.models.thinker_lm import print_dry_run
+        from omni_train.models.dry_run import print_dry_run
 
         print_dry_run(train_cfg.model, train_cfg.parallel)
         return

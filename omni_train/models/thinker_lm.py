@@ -1,0 +1,248 @@
+"""Provider for the Thinker's MoE language model on megatron-core's GPTModel.
+
+sizes (ModelConfig) + layout (ParallelConfig) -> TransformerConfig -> local layer spec -> GPTModel.
+No Transformer Engine, no grouped GEMM (experts are megatron's SequentialMLP). The caller initializes
+megatron's parallel_state; nothing here reads the environment or chooses parallel degrees.
+
+Forward contract (megatron's GPTModel):
+    model(input_ids [B, S], position_ids [3, B, S] or [B, S], attention_mask=None, labels=[B, S])
+    -> per-token loss [B, S] (fp32); without labels -> logits [B, S, V / tp].
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from omni_train.config.schema import ModelConfig, ParallelConfig
+from omni_train.models.rotary import InterleavedMRotaryEmbedding
+
+_LOAD_BALANCING = ("aux_loss", "expert_bias")
+
+
+def _router_settings(model_cfg: ModelConfig) -> dict:
+    """Qwen3 routing: softmax over the top-k logits == softmax, top-k, renormalize (norm_topk_prob).
+
+    "expert_bias" (aux-loss-free) uses megatron's expert bias, which megatron only allows with
+    sigmoid scores (top-k scores renormalized); it is therefore not bit-equal to Qwen3's router.
+    """
+    if model_cfg.load_balancing not in _LOAD_BALANCING:
+        raise ValueError(f"load_balancing must be one of {_LOAD_BALANCING}")
+    common = dict(moe_router_topk=model_cfg.router_topk, moe_router_dtype="fp32")
+    if model_cfg.load_balancing == "aux_loss":
+        return dict(
+            common,
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=False,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=model_cfg.aux_loss_coeff,
+        )
+    return dict(
+        common,
+        moe_router_score_function="sigmoid",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=model_cfg.expert_bias_update_rate,
+    )
+
+
+def _fusions_off() -> dict:
+    """Fused kernels need CUDA (and partly Transformer Engine / apex); off everywhere for now."""
+    return dict(
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+    )
+
+
+def build_transformer_config(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    *,
+    params_dtype: torch.dtype,
+    use_cpu_initialization: bool,
+) -> TransformerConfig:
+    """Map the Thinker LM sizes and the parallel layout onto megatron's TransformerConfig."""
+    if parallel_cfg.token_dispatcher not in ("alltoall", "allgather"):
+        raise ValueError(f"unknown token_dispatcher {parallel_cfg.token_dispatcher!r}")
+    return TransformerConfig(
+        num_layers=model_cfg.num_layers,
+        hidden_size=model_cfg.hidden_size,
+        num_attention_heads=model_cfg.num_attention_heads,
+        num_query_groups=model_cfg.num_query_groups,
+        kv_channels=model_cfg.head_dim,
+        ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+        qk_layernorm=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model_cfg.init_std,
+        num_moe_experts=model_cfg.num_experts,
+        moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+        moe_layer_freq=1,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type=parallel_cfg.token_dispatcher,
+        **_router_settings(model_cfg),
+        mrope_section=list(model_cfg.mrope_section),
+        tensor_model_parallel_size=parallel_cfg.tp,
+        pipeline_model_parallel_size=parallel_cfg.pp,
+        expert_model_parallel_size=parallel_cfg.ep,
+        context_parallel_size=parallel_cfg.cp,
+        sequence_parallel=parallel_cfg.sequence_parallel,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=use_cpu_initialization,
+        calculate_per_token_loss=True,
+        **_fusions_off(),
+    )
+
+
+def build_thinker_lm(
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    *,
+    device: torch.device | str,
+    params_dtype: torch.dtype,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> GPTModel:
+    """The Thinker MoE LM as a megatron GPTModel with TM-RoPE, on ``device``."""
+    device = torch.device(device)
+    config = build_transformer_config(
+        model_cfg,
+        parallel_cfg,
+        params_dtype=params_dtype,
+        use_cpu_initialization=device.type != "cuda",
+    )
+    layer_spec = get_gpt_layer_local_spec(
+        num_experts=model_cfg.num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=True,
+        normalization="RMSNorm",
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=model_cfg.vocab_size,
+        max_sequence_length=model_cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="mrope",
+        rotary_base=int(model_cfg.rope_theta),
+    )
+    model.rotary_pos_emb = InterleavedMRotaryEmbedding(
+        head_dim=model_cfg.head_dim,
+        mrope_section=list(model_cfg.mrope_section),
+        rotary_base=model_cfg.rope_theta,
+        cp_group=parallel_state.get_context_parallel_group(check_initialized=False),
+    )
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter counts and shard shapes, computed analytically (nothing is allocated).
+
+
+def _layer_shards(m: ModelConfig, tp: int, ep: int) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(name, local shape) of one decoder layer on one (tp rank, ep rank); expert TP = TP."""
+    h, d, e = m.hidden_size, m.head_dim, m.num_experts
+    qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
+    shards = [
+        ("input_layernorm.weight", (h,)),
+        ("self_attention.linear_qkv.weight", (qkv_rows // tp, h)),
+        ("self_attention.q_layernorm.weight", (d,)),
+        ("self_attention.k_layernorm.weight", (d,)),
+        ("self_attention.linear_proj.weight", (h, m.num_attention_heads * d // tp)),
+        ("pre_mlp_layernorm.weight", (h,)),
+        ("mlp.router.weight", (e, h)),
+    ]
+    for i in range(e // ep):
+        expert = f"mlp.experts.local_experts.{i}"
+        shards.append((f"{expert}.linear_fc1.weight", (2 * m.moe_ffn_hidden_size // tp, h)))
+        shards.append((f"{expert}.linear_fc2.weight", (h, m.moe_ffn_hidden_size // tp)))
+    return shards
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_divisible(m: ModelConfig, p: ParallelConfig) -> None:
+    checks = {
+        "num_layers % pp": m.num_layers % p.pp,
+        "num_query_groups % tp": m.num_query_groups % p.tp,
+        "vocab_size % tp": m.vocab_size % p.tp,
+        "num_experts % ep": m.num_experts % p.ep,
+        "moe_ffn_hidden_size % tp": m.moe_ffn_hidden_size % p.tp,
+    }
+    bad = [name for name, rest in checks.items() if rest]
+    if bad:
+        raise ValueError(f"layout tp={p.tp} pp={p.pp} ep={p.ep} does not divide: {bad}")
+
+
+def describe_shards(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> List[Dict]:
+    """Per-rank shard shapes for the layout (tp, pp, ep), without allocating.
+
+    One entry per (pipeline stage, tp rank, ep rank): ``layer`` lists (name, local shape) of one
+    representative decoder layer, ``other`` the embedding / final norm / output layer held by that
+    stage, and ``num_params`` counts every parameter that rank holds (non-expert parameters are
+    replicated over ep ranks, expert parameters over data-parallel ranks).
+    """
+    m, p = model_cfg, parallel_cfg
+    _check_divisible(m, p)
+    layers_per_stage = m.num_layers // p.pp
+    h, v = m.hidden_size, m.vocab_size
+    layer = _layer_shards(m, p.tp, p.ep)
+    layer_numel = sum(_numel(shape) for _, shape in layer)
+    report = []
+    for stage in range(p.pp):
+        other = []
+        if stage == 0:
+            other.append(("embedding.word_embeddings.weight", (v // p.tp, h)))
+        if stage == p.pp - 1:
+            other.append(("decoder.final_layernorm.weight", (h,)))
+            other.append(("output_layer.weight", (v // p.tp, h)))
+        num_params = layers_per_stage * layer_numel + sum(_numel(s) for _, s in other)
+        for tp_rank in range(p.tp):
+            for ep_rank in range(p.ep):
+                report.append(
+                    dict(stage=stage, tp_rank=tp_rank, ep_rank=ep_rank, layers=layers_per_stage,
+                         layer=layer, other=other, num_params=num_params)
+                )
+    return report
+
+
+def count_parameters(model_cfg: ModelConfig) -> Tuple[int, int]:
+    """(total, active per token) parameter counts of the unsharded LM, embeddings included."""
+    m = model_cfg
+    shards = _layer_shards(m, tp=1, ep=1)
+    layer_total = sum(_numel(shape) for _, shape in shards)
+    expert = 3 * m.hidden_size * m.moe_ffn_hidden_size
+    layer_active = layer_total - (m.num_experts - m.router_topk) * expert
+    embeddings = 2 * m.vocab_size * m.hidden_size + m.hidden_size  # input, output, final norm
+    total = m.num_layers * layer_total + embeddings
+    active = m.num_layers * layer_active + embeddings
+    return total, active

@@ -105,7 +105,7 @@ class CheckpointManager:
         _barrier()
 
     def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
-        model_sd = model.sharded_state_dict()
+        model_sd = _unwrap(model).sharded_state_dict()
         state = {"model": model_sd, "rng_state": _sharded_rng()}
         if optimizer is not None:
             state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -142,7 +142,7 @@ class CheckpointManager:
         """Restore everything (resume). Returns the saved TrainState."""
         state = self._sharded_state(model, optimizer, is_loading=True)
         loaded = dist_checkpointing.load(state, str(path))
-        model.load_state_dict(loaded["model"])
+        _unwrap(model).load_state_dict(loaded["model"])
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
@@ -152,8 +152,14 @@ class CheckpointManager:
 
 def load_model_weights(path: Path, model) -> None:
     """Stage hand-off: take only the model weights of another checkpoint."""
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-    model.load_state_dict(loaded["model"])
+    module = _unwrap(model)
+    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    module.load_state_dict(loaded["model"])
+
+
+def _unwrap(model):
+    """The megatron model inside a data-parallel wrapper: checkpoints hold its names, unprefixed."""
+    return getattr(model, "module", model)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -76,6 +76,8 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
     _require(model.num_layers % par.pp == 0, "parallel.pp",
              f"model.num_layers={model.num_layers} is not divisible by pp={par.pp}")
     _require(not par.sequence_parallel or par.tp > 1, "parallel.sequence_parallel", "needs tp > 1")
+    _require(par.tp == 1 or par.sequence_parallel, "parallel.sequence_parallel",
+             "MoE layers with tp > 1 need sequence_parallel=true (megatron-core requires it)")
     _require(trainer.seq_length % (2 * par.cp) == 0 or par.cp == 1, "trainer.seq_length",
              f"{trainer.seq_length} is not divisible by 2*cp={2 * par.cp}")
     dp = world_size // model_parallel

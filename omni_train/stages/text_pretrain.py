@@ -6,13 +6,16 @@ from functools import partial
 
 from omni_train.data.synthetic_text import SyntheticTextStream
 from omni_train.losses.lm import masked_token_loss
+from omni_train.models.init import init_layout_independent
 from omni_train.models.thinker_lm import build_thinker_lm
 from omni_train.stages import Stage
 
 
 def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
-    return build_thinker_lm(cfg.model, cfg.parallel, device=env.device, params_dtype=params_dtype,
-                            pre_process=pre_process, post_process=post_process)
+    model = build_thinker_lm(cfg.model, cfg.parallel, device=env.device, params_dtype=params_dtype,
+                             pre_process=pre_process, post_process=post_process)
+    init_layout_independent(model, cfg.model.init_std, cfg.model.num_layers, cfg.trainer.seed)
+    return model
 
 
 def build_data(cfg):

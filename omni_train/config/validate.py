@@ -48,6 +48,10 @@ def _check_values(cfg: DictConfig) -> None:
              f"{model.num_query_groups} does not divide model.num_attention_heads={model.num_attention_heads}")
     _require(sum(model.mrope_section) * 2 == model.head_dim, "model.mrope_section",
              f"sections {list(model.mrope_section)} must sum to model.head_dim/2={model.head_dim // 2}")
+    _require(0 <= cfg.optim.warmup_steps < cfg.trainer.max_steps, "optim.warmup_steps",
+             f"{cfg.optim.warmup_steps} must be >= 0 and < trainer.max_steps={cfg.trainer.max_steps}")
+    _require(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr",
+             f"{cfg.optim.min_lr} must be between 0 and optim.lr={cfg.optim.lr}")
     stop = cfg.trainer.stop_at_step
     _require(stop is None or 1 <= stop <= cfg.trainer.max_steps, "trainer.stop_at_step",
              f"{stop} is outside 1..trainer.max_steps={cfg.trainer.max_steps}")

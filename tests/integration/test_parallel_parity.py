@@ -1,0 +1,26 @@
+"""2-process runs (gloo, CPU) give the single-process run's per-step losses on the same global batch."""
+
+import pytest
+
+from cli import metrics, omni_train, torchrun
+
+STEPS = ["trainer.max_steps=6", "checkpoint.save_every=100", "checkpoint.save_at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    omni_train([*STEPS, f"run_dir={run_dir}"])
+    return metrics(run_dir)
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel.ep=2"]], ids=["dp2", "ep2"])
+def test_two_processes_match_single_process(tmp_path, single_process, layout):
+    run_dir = tmp_path / "run"
+    torchrun(2, [*STEPS, f"run_dir={run_dir}", *layout])
+    parallel = metrics(run_dir)
+    assert sorted(parallel) == sorted(single_process) == list(range(1, 7))
+    for step, reference in single_process.items():
+        assert abs(parallel[step]["loss"] - reference["loss"]) <= 1e-5, step
+    # Training moved: the comparison is not between two untrained models.
+    assert single_process[6]["loss"] < single_process[1]["loss"] - 0.5

@@ -1,0 +1,58 @@
+"""The real CLI on the tiny recipe: learning, resume, stage hand-off and artifacts."""
+
+from pathlib import Path
+
+from cli import metrics, omni_train
+
+
+def test_tiny_recipe_loss_falls_within_100_steps(tmp_path):
+    run_dir = tmp_path / "text_pretrain"
+    omni_train(["recipe=tiny/text_pretrain", f"run_dir={run_dir}"])
+    losses = [r["loss"] for _, r in sorted(metrics(run_dir).items())]
+    assert len(losses) == 100  # tiny recipes log every step
+    first, last = losses[0], sum(losses[-10:]) / 10
+    assert first > 6.5  # ~log(1024) from a random init
+    assert last < first - 2.0, f"loss fell only from {first:.3f} to {last:.3f}"
+    png = (run_dir / "loss_curve.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    record = metrics(run_dir)[100]
+    for key in ("lr", "grad_norm", "tokens_per_s", "peak_memory_gib", "moe_load_imbalance_max"):
+        assert record[key] > 0, key
+    assert len(record["moe_load_imbalance"]) == 4  # one per MoE layer of the tiny model
+    assert (run_dir / "checkpoints" / "step_00000100" / "omni_train.json").exists()
+
+
+def test_resume_after_stop_at_step_is_bitwise_identical(tmp_path):
+    common = ["trainer.max_steps=8", "checkpoint.save_every=100"]
+    omni_train([*common, f"run_dir={tmp_path / 'straight'}"])
+    stopped = omni_train([*common, f"run_dir={tmp_path / 'resumed'}", "trainer.stop_at_step=4"])
+    assert "stopped after step 4" in stopped.stdout
+    assert sorted(metrics(tmp_path / "resumed")) == [1, 2, 3, 4]
+    again = omni_train([*common, f"run_dir={tmp_path / 'resumed'}"])
+    assert "resumed from" in again.stdout
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        for key in ("loss", "grad_norm", "lr"):
+            assert resumed[step][key] == straight[step][key], (step, key)
+
+
+def test_stage_handoff_by_name(tmp_path):
+    root = tmp_path / "run"
+    omni_train(["trainer.max_steps=30", f"run_dir={root / 'text_pretrain'}"])
+    trained = metrics(root / "text_pretrain")
+    fresh_start = trained[1]["loss"]
+    proc = omni_train(["trainer.max_steps=3", "optim.warmup_steps=1", f"run_dir={root / 'continued'}",
+                       "init_from=stage:text_pretrain"])
+    assert "initialised model weights from" in proc.stdout
+    continued = metrics(root / "continued")
+    # Starts where the first stage ended, far below a fresh model's loss.
+    assert abs(continued[1]["loss"] - trained[30]["loss"]) < 0.3
+    assert continued[1]["loss"] < fresh_start - 1.0
+
+
+def test_missing_handoff_source_fails_with_the_key(tmp_path):
+    proc = omni_train(["trainer.max_steps=3", "optim.warmup_steps=1", f"run_dir={tmp_path / 'b'}",
+                       "init_from=stage:nope"], check=False)
+    assert proc.returncode != 0
+    assert "init_from=stage:nope" in proc.stderr

@@ -11,6 +11,7 @@ Forward contract (megatron's GPTModel):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Tuple
 
 import torch
@@ -19,6 +20,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models.rotary import InterleavedMRotaryEmbedding
@@ -116,6 +121,32 @@ def build_transformer_config(
     )
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, usable under sequence parallelism: its weight is marked ``sequence_parallel``
+    so megatron's finalize_model_grads sums its grads over TP ranks. (megatron's WrappedTorchNorm,
+    its only norm without TE/apex, refuses sequence parallelism, which megatron requires for MoE+TP.)"""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+
+def _decoder_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
+    """megatron's local (no TE) MoE layer spec with our RMSNorm everywhere, for this pipeline stage."""
+    layer = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=True,
+        normalization="RMSNorm",
+    )
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
+    layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
+    num_layers = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
+
+
 def build_thinker_lm(
     model_cfg: ModelConfig,
     parallel_cfg: ParallelConfig,
@@ -133,15 +164,17 @@ def build_thinker_lm(
         params_dtype=params_dtype,
         use_cpu_initialization=device.type != "cuda",
     )
-    layer_spec = get_gpt_layer_local_spec(
-        num_experts=model_cfg.num_experts,
-        moe_grouped_gemm=False,
-        qk_layernorm=True,
-        normalization="RMSNorm",
-    )
+    # On "meta" build inside the device context so that nothing is allocated (dry runs).
+    on_meta = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
+    with on_meta:
+        model = _build_gpt_model(model_cfg, config, pre_process, post_process)
+    return model.to(device)
+
+
+def _build_gpt_model(model_cfg: ModelConfig, config: TransformerConfig, pre_process, post_process):
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=_decoder_spec(config),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -156,7 +189,7 @@ def build_thinker_lm(
         rotary_base=model_cfg.rope_theta,
         cp_group=parallel_state.get_context_parallel_group(check_initialized=False),
     )
-    return model.to(device)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -218,16 +218,6 @@ def _install_torch_view():
         module.torch = view
 
 
-def _patch_router_gemm():
-    """moe_utils.RouterGatingLinearFunction reads the global ``te_general_gemm``, which is only
-    defined when Transformer Engine imports: without TE it raises NameError. None selects its
-    plain torch.mm branch."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def _host_split_sizes(tensor, as_numpy=False, record_stream=False):
     """Replacement for moe_utils.maybe_move_tensor_to_cpu that also honours ``as_numpy`` for tensors
     already on the CPU, so the alltoall dispatcher hands host lists to ``all_to_all_single``."""
@@ -331,7 +321,6 @@ def apply_cpu_shim() -> None:
     if _APPLIED:
         return
     _install_torch_view()
-    _patch_router_gemm()
     _patch_alltoall_split_sizes()
     _patch_clip_grad()
     _patch_rng_tracker()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from omni_train.config import ParallelConfig
+from omni_train.parallel.without_te import apply_without_te
 
 
 @dataclass
@@ -39,6 +40,7 @@ def choose_device(device: str) -> torch.device:
 
 def init_parallel(cfg: ParallelConfig, device: torch.device, seed: int) -> ParallelEnv:
     """Start torch.distributed (one process if not launched by torchrun) and megatron's groups."""
+    apply_without_te()
     if device.type == "cpu":
         from omni_train.parallel.cpu_shim import apply_cpu_shim
 

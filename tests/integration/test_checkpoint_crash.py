@@ -7,7 +7,8 @@ import sys
 from cli import REPO, _env, metrics, omni_train
 
 # Runs the real CLI with dist_checkpointing.save wrapped: the second save writes its files into
-# step_00000004.tmp and then the process is SIGKILLed, before the save could complete.
+# step_00000004.tmp and then the job's whole process group (its checkpoint writer processes too) is
+# SIGKILLed, as a scheduler kills a job, before the save could complete.
 KILL_IN_SECOND_SAVE = """
 import os, signal, sys
 from megatron.core import dist_checkpointing
@@ -16,7 +17,7 @@ def save(*args, **kwargs):
     calls.append(1)
     real_save(*args, **kwargs)
     if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 dist_checkpointing.save = save
 from omni_train.train import main
 sys.argv = ["omni-train"] + sys.argv[1:]
@@ -29,7 +30,8 @@ def test_kill_during_save_keeps_last_good_checkpoint(tmp_path):
     overrides = ["trainer.max_steps=6", "checkpoint.save_every=2", "checkpoint.keep_last=5",
                  f"run_dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_SAVE, *overrides], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "step_00000004.tmp").is_dir()  # the half-finished save is there ...

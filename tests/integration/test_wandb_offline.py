@@ -13,10 +13,11 @@ def test_wandb_offline_run_holds_config_and_metrics(tmp_path):
     assert len(files) == 1
     records = read_records(files[0])
 
-    config = {}
+    config = {}  # set at init (the run record) and by later config updates
     for record in records:
-        if record.WhichOneof("record_type") == "config":
-            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        kind = record.WhichOneof("record_type")
+        updates = record.run.config.update if kind == "run" else record.config.update if kind == "config" else []
+        config.update({item.key: json.loads(item.value_json) for item in updates})
     assert config["trainer"]["max_steps"] == 3
     assert config["model"]["flavor"] == "tiny"
     assert config["run_dir"] == str(run_dir)  # resolved, not "${...}"
@@ -24,8 +25,9 @@ def test_wandb_offline_run_holds_config_and_metrics(tmp_path):
     history = {}
     for record in records:
         if record.WhichOneof("record_type") == "history":
-            items = {item.key: json.loads(item.value_json) for item in record.history.item}
-            history[items["_step"]] = items
+            items = record.history.item
+            history[record.history.step.num] = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
     logged = metrics(run_dir)
     assert sorted(history) == sorted(logged) == [1, 2, 3]
     for step, values in logged.items():

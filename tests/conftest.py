@@ -1,0 +1,38 @@
+"""Shared fixtures: a world-size-1 gloo process group with megatron's parallel_state on top."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def megatron_world1():
+    """Initialize gloo (world size 1), megatron parallel_state and its RNG; tear down after the test."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from omni_train.parallel.cpu_shim import apply_cpu_shim
+    from omni_train.parallel.without_te import apply_without_te
+
+    apply_without_te()
+    if not torch.cuda.is_available():
+        apply_cpu_shim()
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    model_parallel_cuda_manual_seed(1234)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

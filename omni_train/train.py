@@ -5,8 +5,10 @@ Compose the config, check it (before torch.distributed or any model exists), the
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import List
 
 import hydra
@@ -29,7 +31,16 @@ def preflight(argv: List[str]) -> None:
     validate_config(cfg, world_size=world_size, cuda_available=torch.cuda.is_available())
 
 
+def _quiet_libraries() -> None:
+    """megatron-core logs every parameter name at INFO and warns that TE/Apex are absent on import."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|scope is deprecated).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def run(cfg: DictConfig) -> None:
+    _quiet_libraries()
     train_cfg: TrainConfig = OmegaConf.to_object(cfg)
     if train_cfg.dry_run:
         from omni_train.models.dry_run import print_dry_run

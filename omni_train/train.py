@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from omni_train.config import CONF_DIR, ConfigError, TrainConfig, compose, register_schemas, validate_config
+from omni_train.config.validate import smallest_world_size
 
 
 def _user_overrides(argv: List[str]) -> List[str]:
@@ -27,7 +28,8 @@ def preflight(argv: List[str]) -> None:
     import torch
 
     cfg = compose(_user_overrides(argv))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # A dry run describes a layout without launching it: check it against the smallest world it needs.
+    world_size = smallest_world_size(cfg) if cfg.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
     validate_config(cfg, world_size=world_size, cuda_available=torch.cuda.is_available())
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig, OmegaConf
 
 from omni_train.config.compose import ConfigError
@@ -84,11 +86,19 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
              "MoE layers with tp > 1 need sequence_parallel=true (megatron-core requires it)")
     _require(trainer.seq_length % (2 * par.cp) == 0 or par.cp == 1, "trainer.seq_length",
              f"{trainer.seq_length} is not divisible by 2*cp={2 * par.cp}")
+    if cfg.dry_run:  # a dry run describes the layout; it runs no batch
+        return
     dp = world_size // model_parallel
     per_step = trainer.micro_batch_size * dp
     _require(trainer.global_batch_size % per_step == 0, "trainer.global_batch_size",
              f"{trainer.global_batch_size} is not divisible by micro_batch_size*dp="
              f"{trainer.micro_batch_size}*{dp}")
+
+
+def smallest_world_size(cfg: DictConfig) -> int:
+    """The fewest processes the layout needs: a multiple of tp*pp*cp and of tp*pp*ep."""
+    par = cfg.parallel
+    return par.tp * par.pp * math.lcm(par.cp, par.ep)
 
 
 def validate_config(cfg: DictConfig, world_size: int, cuda_available: bool) -> None:
@@ -102,6 +112,8 @@ def validate_config(cfg: DictConfig, world_size: int, cuda_available: bool) -> N
     _check_values(cfg)
     _check_layout(cfg, world_size)
     trainer = cfg.trainer
+    if cfg.dry_run:
+        return
     _require(trainer.device != "cuda" or cuda_available, "trainer.device",
              "cuda requested but no GPU is visible")
     on_gpu = trainer.device == "cuda" or (trainer.device == "auto" and cuda_available)

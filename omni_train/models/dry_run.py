@@ -50,9 +50,8 @@ def format_dry_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, built_p
         by_stage.setdefault(entry["stage"], []).append(entry)
     for stage, entries in by_stage.items():
         first = entries[0]
-        ranks = ", ".join(f"tp{e['tp_rank']}/ep{e['ep_rank']}" for e in entries)
-        lines.append(f"  pipeline stage {stage} ({first['layers']} layers; ranks {ranks}): "
-                     f"{first['num_params']:,} parameters per rank")
+        lines.append(f"  pipeline stage {stage} ({first['layers']} layers; each of its tp x ep = "
+                     f"{p.tp} x {p.ep} ranks): {first['num_params']:,} parameters per rank")
         for name, shape, count in _collapse_experts(first["layer"]):
             suffix = f" x{count}" if count > 1 else ""
             lines.append(f"    layers.*.{name} {tuple(shape)}{suffix}")

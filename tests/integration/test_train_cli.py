@@ -56,3 +56,15 @@ def test_missing_handoff_source_fails_with_the_key(tmp_path):
                        "init_from=stage:nope"], check=False)
     assert proc.returncode != 0
     assert "init_from=stage:nope" in proc.stderr
+
+
+def test_dry_run_of_the_30b_layout_allocates_nothing(tmp_path):
+    proc = omni_train(["model=qwen3_omni_30b_a3b", "parallel.tp=2", "parallel.sequence_parallel=true",
+                       "parallel.ep=8", "parallel.pp=4", "dry_run=true", f"run_dir={tmp_path / 'r'}"])
+    out = proc.stdout
+    assert "30,532,646,912 parameters" in out and "3,353,556,992" in out  # total, active
+    assert "built on the meta device: 30,532,646,912 parameters (matches" in out
+    assert out.count("pipeline stage") == 4
+    assert "layers.*.mlp.experts.local_experts.{i}.linear_fc1.weight (768, 2048) x16" in out  # 128/8 experts, tp 2
+    assert "output_layer.weight (76032, 2048)" in out  # vocab 152064 / tp 2, last stage only
+    assert not (tmp_path / "r").exists()

@@ -24,7 +24,10 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",
         "einops>=0.7",
+        "av>=12",
+        "tqdm>=4.60",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["omni-train=omni_train.train:main"]},
+    entry_points={"console_scripts": ["omni-train=omni_train.train:main",
+                                      "omni-data=data_pipelines.cli:main"]},
 )

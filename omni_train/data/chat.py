@@ -1,0 +1,247 @@
+"""A decoded conversation -> Thinker token ids, loss mask and media features (Qwen3-Omni conventions).
+
+Layout (the Qwen3-Omni chat template, ChatML):
+
+    <|im_start|>{role}\\n{content}<|im_end|>\\n            for every message, in order
+
+with content parts concatenated as the template does: text as is; audio
+``<|audio_start|><|audio_pad|>*n<|audio_end|>``; image ``<|vision_start|><|image_pad|>*n<|vision_end|>``;
+video ``<|vision_start|><|video_pad|>*n<|vision_end|>``, or, with ``use_audio_in_video`` and an audio
+track, ``<|vision_start|><|audio_start|>`` + video and audio placeholders interleaved by time +
+``<|audio_end|><|vision_end|>`` (the processor's ``replace_video_with_audio_token``). ``n`` is what
+``features.py`` computes, as the reference processor does.
+
+The loss mask is True on assistant content and its closing ``<|im_end|>``, never on the
+``<|im_start|>assistant\\n`` header, the ``\\n`` after ``<|im_end|>``, or a media placeholder.
+Text is tokenized piece by piece between special tokens (the header on its own, as the generation
+prompt is at inference), which equals tokenizing the whole rendered string except where a content
+starts with whitespace that BPE would merge with the header's newline.
+
+An assistant ``audio`` part is speech output (the Talker's target): it puts no token in the Thinker's
+stream and is returned in ``speech_targets`` with its codec array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from omni_train.data.decode import DecodedVideo
+from omni_train.data.errors import SampleError
+from omni_train.data.features import (AudioFeatureConfig, VisionFeatureConfig, audio_features,
+                                      audio_in_video_layout, image_patches, video_patches)
+
+SPECIAL_TOKENS = {
+    "pad": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
+    "audio_start": "<|audio_start|>", "audio_end": "<|audio_end|>", "audio_pad": "<|audio_pad|>",
+    "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
+    "image_pad": "<|image_pad|>", "video_pad": "<|video_pad|>",
+}
+# attribute names transformers' Qwen3OmniMoeProcessor reads from the tokenizer
+TOKENIZER_MEDIA_ATTRS = {
+    "image_token": "<|image_pad|>", "audio_token": "<|audio_pad|>", "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+    "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class MediaItem:
+    kind: str                 # "audio", "image" or "video"
+    name: str                 # member name in the shard (e.g. "image0.jpg")
+    span: Tuple[int, int]     # [start, end) in input_ids, start/end tokens included
+    num_tokens: int           # placeholder tokens inside the span
+    features: Dict[str, Any]  # audio: input_features [128,T]; image: pixel_values, grid_thw;
+                              # video: pixel_values_videos, grid_thw, second_per_grid (+ "audio": audio features)
+
+
+@dataclass
+class EncodedSample:
+    input_ids: torch.Tensor   # int64 [n]
+    loss_mask: torch.Tensor   # bool [n]: this token is a training target (aligned with input_ids)
+    media: List[MediaItem]    # in order of appearance
+    speech_targets: List[Dict[str, Any]] = field(default_factory=list)  # assistant audio: name, audio, codec
+    key: Optional[str] = None
+    position_ids: Optional[torch.Tensor] = None  # [3, n] TM-RoPE ids when computed (not done here)
+
+    def labels(self, ignore_index: int = -100) -> torch.Tensor:
+        """input_ids where the token is a target, ``ignore_index`` elsewhere (unshifted)."""
+        return torch.where(self.loss_mask, self.input_ids, torch.full_like(self.input_ids, ignore_index))
+
+    @property
+    def media_spans(self) -> List[Tuple[int, int]]:
+        return [m.span for m in self.media]
+
+
+class _Builder:
+    """Accumulates ids/mask; text is buffered so adjacent text pieces tokenize together."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: List[int] = []
+        self.mask: List[bool] = []
+        self._text, self._text_train = "", False
+
+    def text(self, text: str, train: bool) -> None:
+        if self._text and train != self._text_train:
+            self.flush()
+        self._text += text
+        self._text_train = train
+
+    def flush(self) -> None:
+        if self._text:
+            ids = self.tokenizer(self._text, add_special_tokens=False)["input_ids"]
+            self.ids.extend(ids)
+            self.mask.extend([self._text_train] * len(ids))
+        self._text = ""
+
+    def tokens(self, ids: Sequence[int], train: bool) -> None:
+        self.flush()
+        self.ids.extend(int(i) for i in ids)
+        self.mask.extend([train] * len(ids))
+
+
+class ChatEncoder:
+    """Encodes samples from ``decode_sample`` for the Thinker."""
+
+    def __init__(self, tokenizer, audio_cfg: AudioFeatureConfig = AudioFeatureConfig(),
+                 vision_cfg: VisionFeatureConfig = VisionFeatureConfig(), position_id_per_seconds: float = 13.0):
+        self.tokenizer = tokenizer
+        self.audio_cfg = audio_cfg
+        self.vision_cfg = vision_cfg
+        self.position_id_per_seconds = position_id_per_seconds
+        self.ids = {}
+        for name, token in SPECIAL_TOKENS.items():
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if tid is None or tid == tokenizer.unk_token_id or not (0 <= tid < len(tokenizer)):
+                raise ValueError(f"tokenizer has no id for {token}")
+            self.ids[name] = int(tid)
+
+    @classmethod
+    def from_pretrained(cls, local_dir: str, **kwargs) -> "ChatEncoder":
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(local_dir), **kwargs)
+
+    # --------------------------------------------------------------------------------------- media
+    def _audio(self, b: _Builder, name: str, audio: np.ndarray) -> MediaItem:
+        feats = audio_features(audio, self.audio_cfg)
+        b.flush()
+        start = len(b.ids)
+        b.tokens([self.ids["audio_start"]] + [self.ids["audio_pad"]] * feats["num_tokens"]
+                 + [self.ids["audio_end"]], False)
+        return MediaItem("audio", name, (start, len(b.ids)), feats["num_tokens"], feats)
+
+    def _image(self, b: _Builder, name: str, image: np.ndarray) -> MediaItem:
+        feats = image_patches(image, self.vision_cfg)
+        b.flush()
+        start = len(b.ids)
+        b.tokens([self.ids["vision_start"]] + [self.ids["image_pad"]] * feats["num_tokens"]
+                 + [self.ids["vision_end"]], False)
+        return MediaItem("image", name, (start, len(b.ids)), feats["num_tokens"], feats)
+
+    def _video(self, b: _Builder, name: str, video: DecodedVideo, with_audio: bool) -> MediaItem:
+        feats = video_patches(video.frames, self.vision_cfg, fps=video.fps)
+        b.flush()
+        start = len(b.ids)
+        if with_audio and video.audio is not None:
+            feats["audio"] = audio_features(video.audio, self.audio_cfg)
+            layout = audio_in_video_layout(feats["grid_thw"], feats["second_per_grid"],
+                                           feats["audio"]["num_tokens"], self.vision_cfg.merge_size,
+                                           self.position_id_per_seconds)
+            body = np.where(layout, self.ids["video_pad"], self.ids["audio_pad"]).tolist()
+            body = [self.ids["audio_start"]] + body + [self.ids["audio_end"]]
+            count = len(layout)
+        else:
+            body, count = [self.ids["video_pad"]] * feats["num_tokens"], feats["num_tokens"]
+        b.tokens([self.ids["vision_start"]] + body + [self.ids["vision_end"]], False)
+        return MediaItem("video", name, (start, len(b.ids)), count, feats)
+
+    # --------------------------------------------------------------------------------------- parts
+    def _part(self, b: _Builder, part: Dict[str, Any], role: str, media: Dict[str, Any],
+              items: List[MediaItem], speech: List[Dict[str, Any]]) -> None:
+        kind = part.get("type")
+        train = role == "assistant"
+        if kind == "text":
+            b.text(str(part.get("text", "")), train)
+            return
+        if kind not in ("audio", "image", "video"):
+            raise ValueError(f"unknown content part type {kind!r}")
+        name = part.get(kind)
+        if name not in media:
+            raise ValueError(f"{kind} part names {name!r}, which was not decoded")
+        if kind == "audio" and role == "assistant":
+            speech.append({"name": name, "audio": media[name], "codec": media.get(part.get("codec"))})
+        elif kind == "audio":
+            items.append(self._audio(b, name, media[name]))
+        elif kind == "image":
+            items.append(self._image(b, name, media[name]))
+        else:
+            items.append(self._video(b, name, media[name], bool(part.get("use_audio_in_video"))))
+
+    def encode_messages(self, messages: Sequence[Dict[str, Any]], media: Dict[str, Any],
+                        add_generation_prompt: bool = False, key: Optional[str] = None) -> EncodedSample:
+        b = _Builder(self.tokenizer)
+        items: List[MediaItem] = []
+        speech: List[Dict[str, Any]] = []
+        for message in messages:
+            role = message.get("role")
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r}")
+            b.tokens([self.ids["im_start"]], False)
+            b.text(f"{role}\n", False)
+            content = message.get("content")
+            if isinstance(content, str):
+                b.text(content, role == "assistant")
+            else:
+                for part in content or []:
+                    self._part(b, part, role, media, items, speech)
+            b.tokens([self.ids["im_end"]], role == "assistant")
+            b.text("\n", False)
+        if add_generation_prompt:
+            b.tokens([self.ids["im_start"]], False)
+            b.text("assistant\n", False)
+        b.flush()
+        return EncodedSample(input_ids=torch.tensor(b.ids, dtype=torch.long),
+                             loss_mask=torch.tensor(b.mask, dtype=torch.bool), media=items,
+                             speech_targets=speech, key=key)
+
+    def encode(self, sample: Dict[str, Any]) -> EncodedSample:
+        """A ``decode_sample`` result -> ``EncodedSample``; failures raise ``SampleError``."""
+        key = str(sample.get("__key__", "?"))
+        try:
+            return self.encode_messages(sample["messages"], sample.get("media", {}), key=key)
+        except SampleError:
+            raise
+        except Exception as e:
+            raise SampleError(key, "json", f"cannot encode: {type(e).__name__}: {e}") from None
+
+
+def build_test_tokenizer(out_dir: str, extra_texts: Sequence[str] = (), vocab_size: int = 512):
+    """A small byte-level BPE tokenizer with Qwen's special tokens (ids < vocab), saved to ``out_dir``
+    so ``AutoTokenizer.from_pretrained(out_dir)`` loads it. For tests and demos, not for training."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(qwen_split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = list(dict.fromkeys(SPECIAL_TOKENS.values()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["You are a helpful assistant.", "What do you hear and see?", "A dog barking in a park.",
+              "system\n", "user\n", "assistant\n", "Hello, world! 1234 The quick brown fox.", *extra_texts]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens=dict(TOKENIZER_MEDIA_ATTRS))
+    fast.save_pretrained(out_dir)
+    return fast

@@ -11,6 +11,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from data_pipelines.build import BuildOptions, format_error
 
@@ -57,6 +58,8 @@ def make_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corrupt", metavar="BAD_DIR", help="also write a damaged copy here (test fixtures)")
     p.add_argument("--source-dir", help="keep the generated media + manifest.jsonl + truth.json here")
+    p.add_argument("--tokenizer", metavar="TOK_DIR",
+                   help="also write a small BPE tokenizer with Qwen's special tokens, trained on the texts")
     _add_build_options(p, 4)
     return parser
 
@@ -115,7 +118,11 @@ def run_synth(args):
     from data_pipelines.corrupt import make_corrupt_copy
     from data_pipelines.synth import synth
 
-    _, result = synth(args.out_dir, args.samples, args.seed, args.source_dir, _options(args))
+    truth, result = synth(args.out_dir, args.samples, args.seed, args.source_dir, _options(args))
+    if args.tokenizer:
+        from omni_train.data.chat import build_test_tokenizer
+
+        build_test_tokenizer(args.tokenizer, extra_texts=[json.dumps(e) for e in truth["entries"]])
     print(f"synth: {result.index['num_samples']} samples in {len(result.index['shards'])} shards -> "
           f"{args.out_dir}", file=sys.stderr)
     if args.corrupt:

@@ -26,16 +26,16 @@ from omni_train.checkpoint.manager import (
     resolve_init_from,
 )
 from omni_train.config import TrainConfig
-from omni_train.data.synthetic_text import step_sample_indices
 from omni_train.metrics import MetricsLogger, Throughput, peak_memory_gib
 from omni_train.models.moe_load import ExpertLoadTracker
+from omni_train.parallel.context_parallel import split_for_context_parallel
 from omni_train.parallel.setup import ParallelEnv
 from omni_train.parallel.wrap import build_optimizer, build_scheduler, wrap_data_parallel
 from omni_train.stages import Stage, apply_trainable, load_stage
 
 
-def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _global_loss(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
@@ -66,8 +66,8 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, cfg.trainer, self.optimizer)
         self._connect_schedule()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.data = self.stage.build_data(cfg, env)
         self.state = self._restore()
-        self.data = self.stage.build_data(cfg)
         self.logger = MetricsLogger(cfg.logger, self.run_dir, resolved) if env.is_main else None
         self.load_tracker = ExpertLoadTracker(self.model)
         self.throughput = Throughput(cfg.model, cfg.trainer.seq_length, env.world_size)
@@ -97,7 +97,7 @@ class Trainer:
     def _restore(self) -> TrainState:
         latest = latest_checkpoint(self.checkpoints.root)
         if latest is not None:
-            state = self.checkpoints.load(latest, self.model, self.optimizer, self.scheduler)
+            state = self.checkpoints.load(latest, self.model, self.optimizer, self.scheduler, self.data)
             self._say(f"resumed from {latest} at step {state.step}")
             return state
         if self.cfg.init_from:
@@ -113,11 +113,15 @@ class Trainer:
     def _forward_step(self, data_iterator, model):
         return self.stage.forward(model, next(data_iterator))
 
+    def _prepare(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        batch = split_for_context_parallel(batch, parallel_state.get_context_parallel_rank(),
+                                           parallel_state.get_context_parallel_world_size())
+        return _to_device(batch, self.env.device)
+
     def train_step(self) -> Dict[str, float]:
         trainer = self.cfg.trainer
-        micro = step_sample_indices(self.state.step, trainer.global_batch_size, self.env.dp_rank,
-                                    self.env.dp_size, trainer.micro_batch_size)
-        batches = iter([_to_device(self.data.batch(ix), self.env.device) for ix in micro])
+        micro = [self._prepare(batch) for batch in self.data.next_microbatches()]
+        batches = iter(micro)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self.forward_backward(
@@ -142,7 +146,7 @@ class Trainer:
             parallel_state.get_data_parallel_group(with_context_parallel=True))
         if self.logger is None:
             return
-        values = dict(values, **self.throughput.report())
+        values = dict(values, **self.throughput.report(), **self.data.stats())
         values["peak_memory_gib"] = peak_memory_gib(self.env.device)
         if imbalance:
             values["moe_load_imbalance_max"] = max(imbalance)
@@ -150,7 +154,7 @@ class Trainer:
         self.logger.log(self.state.step, values)
 
     def save(self) -> None:
-        path = self.checkpoints.save(self.model, self.optimizer, self.scheduler, self.state)
+        path = self.checkpoints.save(self.model, self.optimizer, self.scheduler, self.state, self.data)
         self._say(f"saved checkpoint {path}")
 
     def fit(self) -> None:

@@ -66,9 +66,9 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_rng() -> ShardedObject:
-    """Each rank's RNG states, stored once per rank."""
-    return ShardedObject("rng_state", _rng_state(), (_world(),), (_rank(),), replica_id=0)
+def _per_rank(key: str, value: Any) -> ShardedObject:
+    """An object every rank has its own copy of (RNG states, data loader position)."""
+    return ShardedObject(key, value, (_world(),), (_rank(),), replica_id=0)
 
 
 def resolve_init_from(init_from: str, run_dir: Path) -> Path:
@@ -104,21 +104,22 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
 
-    def _sharded_state(self, model, optimizer, is_loading: bool) -> Dict[str, Any]:
+    def _sharded_state(self, model, optimizer, data, is_loading: bool) -> Dict[str, Any]:
         model_sd = _unwrap(model).sharded_state_dict()
-        state = {"model": model_sd, "rng_state": _sharded_rng()}
+        state = {"model": model_sd, "rng_state": _per_rank("rng_state", _rng_state()),
+                 "data_state": _per_rank("data_state", data.state_dict())}
         if optimizer is not None:
             state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
         return state
 
-    def save(self, model, optimizer, scheduler, train_state: TrainState) -> Path:
+    def save(self, model, optimizer, scheduler, train_state: TrainState, data) -> Path:
         name = f"step_{train_state.step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        state = self._sharded_state(model, optimizer, is_loading=False)
+        state = self._sharded_state(model, optimizer, data, is_loading=False)
         state["scheduler"] = scheduler.state_dict()
         state["train_state"] = vars(train_state).copy()
         dist_checkpointing.save(state, str(tmp))
@@ -138,15 +139,16 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, model, optimizer, scheduler) -> TrainState:
-        """Restore everything (resume). Returns the saved TrainState."""
-        state = self._sharded_state(model, optimizer, is_loading=True)
+    def load(self, path: Path, model, optimizer, scheduler, data) -> TrainState:
+        """Restore everything (resume), data loader position included. Returns the saved TrainState."""
+        state = self._sharded_state(model, optimizer, data, is_loading=True)
         loaded = dist_checkpointing.load(state, str(path))
         _unwrap(model).load_state_dict(loaded["model"])
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
         _set_rng_state(loaded["rng_state"])
+        data.load_state_dict(loaded["data_state"])
         return TrainState(**loaded["train_state"])
 
 

@@ -3,6 +3,7 @@
 from omni_train.config.schema import (
     CheckpointConfig,
     DataConfig,
+    DatasetConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DatasetConfig",
     "LoggerConfig",
     "ModelConfig",
     "OptimConfig",

@@ -84,11 +84,28 @@ class TrainerConfig:
 
 
 @dataclass
+class DatasetConfig:
+    path: str = MISSING  # a dataset directory written by `omni-data build` (index.json + shards)
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    name: str = "synthetic_text"
+    name: str = "synthetic_text"  # "synthetic_text" | "shards" (conf/data/<name>.yaml)
     seed: int = 0
     # synthetic_text: a seeded stream of token sequences with learnable structure
     num_patterns: int = 64
+    # shards: weighted WebDataset datasets, chat-encoded and packed to trainer.seq_length
+    datasets: List[DatasetConfig] = field(default_factory=list)
+    weight_by: str = "samples"  # "samples" | "tokens"
+    tokenizer: Optional[str] = None  # local directory (AutoTokenizer.from_pretrained)
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    overlong: str = "split"  # a document longer than seq_length: "split" or "drop" (both counted)
+    video_fps: float = 2.0
+    max_consecutive_failures: int = 100
+    max_skip_rate: float = 0.05
+    min_samples_for_skip_rate: int = 1000
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,7 +19,9 @@ CHOICES = {
     "logger.name": ("none", "wandb"),
     "logger.mode": ("offline", "online", "disabled"),
     "model.load_balancing": ("aux_loss", "expert_bias"),
-    "data.name": ("synthetic_text",),
+    "data.name": ("synthetic_text", "shards"),
+    "data.weight_by": ("samples", "tokens"),
+    "data.overlong": ("split", "drop"),
 }
 
 POSITIVE = (
@@ -60,6 +63,21 @@ def _check_values(cfg: DictConfig) -> None:
     init_from = cfg.init_from
     _require(init_from is None or not init_from.startswith("stage:") or len(init_from) > 6,
              "init_from", "expected stage:<name> or a checkpoint path")
+
+
+def _check_shards(cfg: DictConfig) -> None:
+    """data=shards: every dataset directory and the tokenizer exist before anything starts."""
+    data = cfg.data
+    if data.name != "shards":
+        return
+    _require(len(data.datasets) > 0, "data.datasets", "data=shards needs at least one dataset")
+    for i, dataset in enumerate(data.datasets):
+        key = f"data.datasets[{i}]"
+        _require((Path(dataset.path) / "index.json").is_file(), f"{key}.path",
+                 f"{dataset.path!r} has no index.json (build it with `omni-data build`)")
+        _require(dataset.weight > 0, f"{key}.weight", f"must be > 0, got {dataset.weight}")
+    _require(data.tokenizer is not None and Path(data.tokenizer).is_dir(), "data.tokenizer",
+             f"{data.tokenizer!r} is not a tokenizer directory")
 
 
 def _check_layout(cfg: DictConfig, world_size: int) -> None:
@@ -110,6 +128,7 @@ def validate_config(cfg: DictConfig, world_size: int, cuda_available: bool) -> N
 
         raise as_config_error(exc) from exc
     _check_values(cfg)
+    _check_shards(cfg)
     _check_layout(cfg, world_size)
     trainer = cfg.trainer
     if cfg.dry_run:

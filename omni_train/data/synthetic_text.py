@@ -8,7 +8,7 @@ token is predictable inside a phrase and a model's loss falls well below log(voc
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -57,3 +57,28 @@ def step_sample_indices(step: int, global_batch: int, dp_rank: int, dp_size: int
     per_rank = global_batch // dp_size
     first = step * global_batch + dp_rank * per_rank
     return [list(range(first + m, first + m + micro_batch)) for m in range(0, per_rank, micro_batch)]
+
+
+class SyntheticTextSource:
+    """Micro-batches of one data-parallel rank, step by step. Its whole state is the step count."""
+
+    def __init__(self, stream: SyntheticTextStream, global_batch: int, micro_batch: int,
+                 dp_rank: int, dp_size: int):
+        self.stream, self.global_batch, self.micro_batch = stream, global_batch, micro_batch
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.step = 0
+
+    def next_microbatches(self) -> List[Dict[str, torch.Tensor]]:
+        micro = step_sample_indices(self.step, self.global_batch, self.dp_rank, self.dp_size,
+                                    self.micro_batch)
+        self.step += 1
+        return [self.stream.batch(indices) for indices in micro]
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.step = state["step"]
+
+    def stats(self) -> Dict[str, float]:
+        return {}

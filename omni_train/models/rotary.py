@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
-from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+from omni_train.parallel.context_parallel import slice_for_cp_rank
 
 
 def interleaved_section_index(mrope_section: Sequence[int]) -> torch.Tensor:
@@ -73,5 +74,6 @@ class InterleavedMRotaryEmbedding(torch.nn.Module):
         emb = emb.transpose(0, 1)[:, :, None, :].contiguous()  # [S, B, 1, D]
         cp_group = cp_group if cp_group is not None else self.cp_group
         if cp_group is not None and cp_group.size() > 1:
-            emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
+            # megatron's get_pos_emb_on_this_cp_rank (same zigzag chunks) pins host memory: no CPU.
+            emb = slice_for_cp_rank(emb, 0, cp_group.rank(), cp_group.size())
         return emb

@@ -26,12 +26,26 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
+from omni_train.models.attention import SDPAttention
 from omni_train.models.rotary import InterleavedMRotaryEmbedding
 
 _LOAD_BALANCING = ("aux_loss", "expert_bias")
 
 
-def _router_settings(model_cfg: ModelConfig) -> dict:
+def _aux_loss_coeff(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> float:
+    """The coefficient to hand megatron so the load-balancing loss weighs what it does on one process.
+
+    With calculate_per_token_loss, megatron-core 0.16 computes the aux loss over the tokens of the
+    whole sequence (tokens-per-expert reduced over the tensor x context parallel group) but scales its
+    gradient by the rank's own token count; when the sequence is split over ranks (context parallel,
+    or tensor parallel with sequence parallelism) the aux-loss gradient comes out 1/(split) of the
+    single-process one. Measured: cp=2 and tp=2+SP match tp=cp=1 step for step only with this factor.
+    """
+    split = parallel_cfg.cp * (parallel_cfg.tp if parallel_cfg.sequence_parallel else 1)
+    return model_cfg.aux_loss_coeff * split
+
+
+def _router_settings(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> dict:
     """Qwen3 routing: softmax over the top-k logits == softmax, top-k, renormalize (norm_topk_prob).
 
     "expert_bias" (aux-loss-free) uses megatron's expert bias, which megatron only allows with
@@ -46,7 +60,7 @@ def _router_settings(model_cfg: ModelConfig) -> dict:
             moe_router_score_function="softmax",
             moe_router_pre_softmax=False,
             moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=model_cfg.aux_loss_coeff,
+            moe_aux_loss_coeff=_aux_loss_coeff(model_cfg, parallel_cfg),
         )
     return dict(
         common,
@@ -104,7 +118,7 @@ def build_transformer_config(
         moe_layer_freq=1,
         moe_grouped_gemm=False,
         moe_token_dispatcher_type=parallel_cfg.token_dispatcher,
-        **_router_settings(model_cfg),
+        **_router_settings(model_cfg, parallel_cfg),
         mrope_section=list(model_cfg.mrope_section),
         tensor_model_parallel_size=parallel_cfg.tp,
         pipeline_model_parallel_size=parallel_cfg.pp,
@@ -132,7 +146,8 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 def _decoder_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
-    """megatron's local (no TE) MoE layer spec with our RMSNorm everywhere, for this pipeline stage."""
+    """megatron's local (no TE) MoE layer spec with our RMSNorm everywhere and SDPA core attention
+    (context-parallel capable), for this pipeline stage."""
     layer = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=False,
@@ -143,6 +158,7 @@ def _decoder_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
     layer.submodules.pre_mlp_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
     num_layers = get_num_layers_to_build(config)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
 

@@ -18,7 +18,8 @@ STAGES = {"text_pretrain": "omni_train.stages.text_pretrain"}
 class Stage:
     # (TrainConfig, ParallelEnv, pre_process, post_process) -> megatron model on env.device
     build_model: Callable[..., torch.nn.Module]
-    # (TrainConfig) -> object with .batch(sample_indices) -> dict of tensors
+    # (TrainConfig, ParallelEnv) -> this rank's batch source: next_microbatches() -> list of dicts of
+    # tensors (one optimizer step), state_dict() / load_state_dict() (saved in checkpoints), stats()
     build_data: Callable[..., Any]
     # (model, batch) -> (output tensor, loss_func(output) -> (loss_sum, num_tokens, report))
     forward: Callable[..., Tuple[torch.Tensor, Callable]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from omni_train.data.synthetic_text import SyntheticTextStream
+from omni_train.data import build_source
 from omni_train.losses.lm import masked_token_loss
 from omni_train.models.init import init_layout_independent
 from omni_train.models.thinker_lm import build_thinker_lm
@@ -18,13 +18,14 @@ def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
     return model
 
 
-def build_data(cfg):
-    return SyntheticTextStream(cfg.data, cfg.model.vocab_size, cfg.trainer.seq_length)
+def build_data(cfg, env):
+    return build_source(cfg, env)
 
 
 def forward(model, batch):
-    per_token_loss = model(batch["input_ids"], batch["position_ids"], attention_mask=None,
-                           labels=batch["labels"])
+    # Packed shard batches carry a document mask; the synthetic stream is one document per row.
+    per_token_loss = model(batch["input_ids"], batch["position_ids"],
+                           attention_mask=batch.get("attention_mask"), labels=batch["labels"])
     return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"])
 
 

@@ -1,0 +1,79 @@
+"""Packed micro-batches from sharded WebDataset streams, for one data-parallel rank.
+
+shards -> (stream + mixture) -> decode -> chat encode (loss mask on assistant turns) -> pack to
+seq_length -> micro-batches. Its state (loader cursors, packer buffers, sequences packed but not yet
+handed out) goes into the training checkpoint, so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from functools import partial
+from typing import Any, Dict, List
+
+import torch
+
+from omni_train.config import DataConfig
+from omni_train.data.chat import ChatEncoder
+from omni_train.data.decode import decode_sample
+from omni_train.data.mixture import build_loader
+from omni_train.data.packing import Document, SequencePacker, collate_packed
+
+
+def encode_raw_sample(raw: Dict[str, Any], encoder: ChatEncoder, video_fps: float):
+    """webdataset's raw sample -> EncodedSample (raises SampleError for bad data: the loader skips it)."""
+    return encoder.encode(decode_sample(raw, video_fps=video_fps))
+
+
+class ShardSource:
+    def __init__(self, cfg: DataConfig, seq_length: int, micro_batch: int, num_micro_batches: int,
+                 dp_rank: int, dp_size: int):
+        self.encoder = ChatEncoder.from_pretrained(cfg.tokenizer)
+        self.loader = build_loader(
+            [(d.path, d.weight) for d in cfg.datasets], weight_by=cfg.weight_by, rank=dp_rank,
+            world_size=dp_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
+            seed=cfg.seed, transform=partial(encode_raw_sample, encoder=self.encoder, video_fps=cfg.video_fps),
+            max_consecutive_failures=cfg.max_consecutive_failures, max_skip_rate=cfg.max_skip_rate,
+            min_samples_for_skip_rate=cfg.min_samples_for_skip_rate,
+        )
+        self.packer = SequencePacker(seq_length, pad_id=self.encoder.tokenizer.pad_token_id,
+                                     policy=cfg.overlong)
+        self.ready: deque = deque()
+        self.micro_batch, self.num_micro_batches = micro_batch, num_micro_batches
+
+    def _next_sequence(self):
+        while not self.ready:
+            self.ready.extend(self.packer.add(Document.from_encoded(next(self.loader))))
+        return self.ready.popleft()
+
+    def next_microbatches(self) -> List[Dict[str, Any]]:
+        batches = []
+        for _ in range(self.num_micro_batches):
+            batch = collate_packed([self._next_sequence() for _ in range(self.micro_batch)])
+            batch["attention_mask"] = document_attention_mask(batch["document_ids"])
+            batches.append({k: batch[k] for k in ("input_ids", "labels", "loss_mask", "position_ids",
+                                                   "attention_mask", "media")})
+        return batches
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "packer": self.packer.state_dict(),
+                "ready": list(self.ready)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.packer.load_state_dict(state["packer"])
+        self.ready = deque(state["ready"])
+
+    def stats(self) -> Dict[str, float]:
+        loader, packer = self.loader.stats(), self.packer.report()
+        return {"data_skipped": float(loader.get("skipped", 0)), "data_seen": float(loader.get("seen", 0)),
+                "pad_fraction": float(packer["pad_fraction"])}
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] bool, True where attention is NOT allowed (megatron's convention): a token sees
+    earlier tokens of its own document only. Padding (document id -1) sees earlier padding."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    length = document_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return ~(same & causal)[:, None]

@@ -1,0 +1,125 @@
+"""SDPAttention (torch SDPA core attention) vs megatron's local DotProductAttention, world size 1;
+the context-parallel input split."""
+
+import pytest
+import torch
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from omni_train.models.attention import SDPAttention
+from omni_train.parallel.context_parallel import split_for_context_parallel, zigzag_chunks
+
+HEADS, GROUPS, HEAD_DIM = 4, 2, 16
+
+
+def config(**overrides) -> TransformerConfig:
+    settings = dict(
+        num_layers=1, hidden_size=32, num_attention_heads=HEADS, num_query_groups=GROUPS,
+        kv_channels=HEAD_DIM, attention_dropout=0.0, hidden_dropout=0.0, masked_softmax_fusion=False,
+        use_cpu_initialization=True, params_dtype=torch.float32,
+    )
+    settings.update(overrides)
+    return TransformerConfig(**settings)
+
+
+def build(cls, cfg, **kwargs):
+    return cls(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self", **kwargs)
+
+
+def qkv(seq: int, batch: int, groups: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(seq, batch, HEADS, HEAD_DIM, generator=gen, requires_grad=True)
+    k = torch.randn(seq, batch, groups, HEAD_DIM, generator=gen, requires_grad=True)
+    v = torch.randn(seq, batch, groups, HEAD_DIM, generator=gen, requires_grad=True)
+    return q, k, v
+
+
+def run(module, q, k, v, grad_out):
+    out = module(q, k, v, None, attn_mask_type=AttnMaskType.causal)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads
+
+
+@pytest.mark.parametrize("groups", [GROUPS, HEADS], ids=["gqa", "mha"])
+@pytest.mark.parametrize("softmax_scale", [None, 0.3])
+def test_matches_megatron_dot_product_attention(megatron_world1, groups, softmax_scale):
+    cfg = config(num_query_groups=groups)
+    ours = build(SDPAttention, cfg, softmax_scale=softmax_scale)
+    reference = build(DotProductAttention, cfg, softmax_scale=softmax_scale)
+    q, k, v = qkv(seq=12, batch=3, groups=groups)
+    grad_out = torch.randn(12, 3, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    out, grads = run(ours, q, k, v, grad_out)
+    ref_out, ref_grads = run(reference, q, k, v, grad_out)
+    assert out.shape == (12, 3, HEADS * HEAD_DIM)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+def test_is_causal(megatron_world1):
+    """Changing a later key/value leaves earlier outputs unchanged (a test that can fail: it would with
+    a full mask)."""
+    attn = build(SDPAttention, config())
+    q, k, v = (t.detach() for t in qkv(seq=8, batch=1, groups=GROUPS))
+    out = attn(q, k, v, None)
+    k2, v2 = k.clone(), v.clone()
+    k2[5:] += 1.0
+    v2[5:] -= 1.0
+    out2 = attn(q, k2, v2, None)
+    torch.testing.assert_close(out2[:5], out[:5], rtol=0, atol=0)
+    assert not torch.allclose(out2[5:], out[5:])
+
+
+def test_refuses_what_it_does_not_support(megatron_world1):
+    with pytest.raises(NotImplementedError, match="dropout"):
+        build(SDPAttention, config(attention_dropout=0.1))
+    with pytest.raises(NotImplementedError, match="causal"):
+        SDPAttention(config(), 1, AttnMaskType.padding, "self")
+    attn = build(SDPAttention, config())
+    q, k, v = qkv(seq=4, batch=1, groups=GROUPS)
+    with pytest.raises(NotImplementedError, match="packed_seq_params"):
+        attn(q, k, v, None, packed_seq_params=object())
+
+
+@pytest.mark.parametrize("groups", [GROUPS, HEADS], ids=["gqa", "mha"])
+def test_document_mask_matches_megatron(megatron_world1, groups):
+    """Packed sequences: the block-diagonal causal mask of omni_train.data.shards, same as megatron's
+    DotProductAttention given that mask; and a document never sees another document."""
+    from omni_train.data.shards import document_attention_mask
+
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1], [0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
+    mask = document_attention_mask(document_ids)
+    cfg = config(num_query_groups=groups)
+    q, k, v = qkv(seq=10, batch=2, groups=groups)
+    grad_out = torch.randn(10, 2, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for cls in (SDPAttention, DotProductAttention):
+        module = build(cls, cfg)
+        out = module(q, k, v, mask, attn_mask_type=AttnMaskType.causal)
+        outs[cls] = (out, torch.autograd.grad(out, (q, k, v), grad_out))
+    torch.testing.assert_close(outs[SDPAttention][0], outs[DotProductAttention][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(outs[SDPAttention][1], outs[DotProductAttention][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Document 1 of row 0 (positions 3..6) alone gives the same outputs as inside the pack.
+    alone = build(SDPAttention, cfg)(q[3:7, :1].detach(), k[3:7, :1].detach(), v[3:7, :1].detach(), None)
+    torch.testing.assert_close(outs[SDPAttention][0][3:7, :1], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_split_for_context_parallel_zigzag():
+    seq = 8  # cp=2: 4 chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+    ids = torch.arange(2 * seq).view(2, seq)
+    positions = torch.arange(seq).expand(3, 2, seq)
+    batch = dict(input_ids=ids, labels=ids + 100, loss_mask=torch.ones(2, seq), position_ids=positions,
+                 num_tokens=16)
+    rank0 = split_for_context_parallel(batch, cp_rank=0, cp_size=2)
+    rank1 = split_for_context_parallel(batch, cp_rank=1, cp_size=2)
+    assert rank0["input_ids"][0].tolist() == [0, 1, 6, 7]
+    assert rank1["input_ids"][0].tolist() == [2, 3, 4, 5]
+    assert rank1["labels"][1].tolist() == [110, 111, 112, 113]
+    assert rank0["loss_mask"].shape == (2, 4)
+    assert rank0["position_ids"] is positions and rank0["num_tokens"] == 16
+    assert split_for_context_parallel(batch, 0, 1) is batch
+    assert [zigzag_chunks(r, 4) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+    with pytest.raises(ValueError, match="divisible"):
+        split_for_context_parallel(dict(input_ids=torch.zeros(1, 6)), 0, 2)

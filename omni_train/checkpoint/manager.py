@@ -27,6 +27,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 MARKER = "omni_train.json"
+# How megatron's distributed optimizer lays out its state in a checkpoint. "dp_reshardable" (each
+# data-parallel rank's shard, reshardable to another dp size); megatron-core 0.16.1's default
+# ("fully_sharded_model_space") fails with "ShardedTensor.flattened_range is not supported".
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 LATEST = "latest"
 
 
@@ -109,7 +113,8 @@ class CheckpointManager:
         state = {"model": model_sd, "rng_state": _per_rank("rng_state", _rng_state()),
                  "data_state": _per_rank("data_state", data.state_dict())}
         if optimizer is not None:
-            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                              metadata=OPTIMIZER_METADATA)
         return state
 
     def save(self, model, optimizer, scheduler, train_state: TrainState, data) -> Path:
@@ -141,6 +146,8 @@ class CheckpointManager:
 
     def load(self, path: Path, model, optimizer, scheduler, data) -> TrainState:
         """Restore everything (resume), data loader position included. Returns the saved TrainState."""
+        if optimizer is not None:
+            _prime_distributed_optimizer(optimizer)
         state = self._sharded_state(model, optimizer, data, is_loading=True)
         loaded = dist_checkpointing.load(state, str(path))
         _unwrap(model).load_state_dict(loaded["model"])
@@ -150,6 +157,23 @@ class CheckpointManager:
         _set_rng_state(loaded["rng_state"])
         data.load_state_dict(loaded["data_state"])
         return TrainState(**loaded["train_state"])
+
+
+def _prime_distributed_optimizer(optimizer) -> None:
+    """Give a fresh DistributedOptimizer the per-parameter state its sharded_state_dict() reads.
+
+    Without Apex/Transformer Engine, megatron-core 0.16.1's DistributedOptimizer.state_dict() asserts
+    that every parameter state of its torch Adam holds the same 'step', which a never-stepped optimizer
+    does not have. Allocate the state (megatron's own init_state_fn) with step 0; loading overwrites it.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for param_state in opt.optimizer.state.values():
+            param_state.setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 def load_model_weights(path: Path, model) -> None:

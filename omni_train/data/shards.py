@@ -67,7 +67,9 @@ class ShardSource:
     def stats(self) -> Dict[str, float]:
         loader, packer = self.loader.stats(), self.packer.report()
         return {"data_skipped": float(loader.get("skipped", 0)), "data_seen": float(loader.get("seen", 0)),
-                "pad_fraction": float(packer["pad_fraction"])}
+                "pad_fraction": float(packer["pad_fraction"]),
+                "data_split_documents": float(packer["split_documents"]),
+                "data_dropped_documents": float(packer["dropped_documents"])}
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:

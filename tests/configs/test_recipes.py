@@ -13,9 +13,24 @@ GROUPS = sorted((group.name, option.stem) for group in CONF_DIR.iterdir()
                 if group.is_dir() and group.name != "recipe" for option in group.glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    """A real dataset + tokenizer for recipes that read shards (their paths are relative to the repo)."""
+    from data_pipelines.cli import main as omni_data
+
+    root = tmp_path_factory.mktemp("demo")
+    assert omni_data(["synth", str(root / "demo"), "--samples", "4", "--tokenizer", str(root / "tok"),
+                      "--no-progress"]) == 0
+    return root
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_composes_and_validates(recipe):
+def test_recipe_composes_and_validates(recipe, demo_shards):
     cfg = compose([f"recipe={recipe}"])
+    if cfg.data.name == "shards":  # point the recipe's relative paths at a freshly built dataset
+        assert [d.path for d in cfg.data.datasets] == ["data/demo"]
+        cfg = compose([f"recipe={recipe}", f"data.datasets=[{{path: {demo_shards / 'demo'}}}]",
+                       f"data.tokenizer={demo_shards / 'tok'}"])
     first_line = (CONF_DIR / "recipe" / f"{recipe}.yaml").read_text().splitlines()[1]
     assert f"recipe={recipe}" in first_line, "a recipe's first comment is the command that runs it"
     on_gpu = cfg.trainer.device == "cuda"

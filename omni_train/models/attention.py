@@ -150,3 +150,12 @@ def _check_supported(config, attn_mask_type, attention_type, attention_dropout):
         raise NotImplementedError("SDPAttention: apply_query_key_layer_scaling is not supported")
     if config.window_size is not None:
         raise NotImplementedError("SDPAttention: sliding-window attention is not supported")
+
+
+def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] bool, True where attention is NOT allowed (megatron's convention): a token sees
+    earlier tokens of its own document only. Padding (document id -1) sees earlier padding."""
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    length = document_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    return ~(same & causal)[:, None]

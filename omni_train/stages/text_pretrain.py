@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from omni_train.data import build_source
+from omni_train.models.attention import document_attention_mask
 from omni_train.losses.lm import masked_token_loss
 from omni_train.models.init import init_layout_independent
 from omni_train.models.thinker_lm import build_thinker_lm
@@ -23,9 +24,12 @@ def build_data(cfg, env):
 
 
 def forward(model, batch):
-    # Packed shard batches carry a document mask; the synthetic stream is one document per row.
-    per_token_loss = model(batch["input_ids"], batch["position_ids"],
-                           attention_mask=batch.get("attention_mask"), labels=batch["labels"])
+    # Packed shard batches say which document each token belongs to; attention stays inside it.
+    # (The synthetic stream is one document per row: plain causal attention.)
+    documents = batch.get("document_ids")
+    mask = document_attention_mask(documents) if documents is not None else None
+    per_token_loss = model(batch["input_ids"], batch["position_ids"], attention_mask=mask,
+                           labels=batch["labels"])
     return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"])
 
 

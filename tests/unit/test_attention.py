@@ -86,7 +86,7 @@ def test_refuses_what_it_does_not_support(megatron_world1):
 def test_document_mask_matches_megatron(megatron_world1, groups):
     """Packed sequences: the block-diagonal causal mask of omni_train.data.shards, same as megatron's
     DotProductAttention given that mask; and a document never sees another document."""
-    from omni_train.data.shards import document_attention_mask
+    from omni_train.models.attention import document_attention_mask
 
     document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1], [0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
     mask = document_attention_mask(document_ids)

@@ -16,24 +16,13 @@ TEXT_CHARS_PER_TOKEN = 4.0  # rough BPE average for English-like text
 
 
 def smart_resize(height, width, factor=PATCH_FACTOR, min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS):
-    """Resize target (h, w): both multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+    """The Qwen2-VL processor's resize rule (omni_train.data.features.smart_resize, which matches
+    transformers exactly): sides rounded to the factor, area brought into [min_pixels, max_pixels]."""
+    from omni_train.data.features import smart_resize as processor_smart_resize
 
-    The same rule as the Qwen2-VL image processor's resize: round to the factor, then scale down or up
-    when the area leaves the allowed range.
-    """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    h_bar = max(factor, round(height / factor) * factor)
-    w_bar = max(factor, round(width / factor) * factor)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return processor_smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
 def video_frames_sampled(seconds, frames, fps=VIDEO_SAMPLE_FPS):

@@ -33,6 +33,7 @@ from omni_train.data.decode import DecodedVideo
 from omni_train.data.errors import SampleError
 from omni_train.data.features import (AudioFeatureConfig, VisionFeatureConfig, audio_features,
                                       audio_in_video_layout, image_patches, video_patches)
+from omni_train.models.rope_index import tm_rope_position_ids
 
 SPECIAL_TOKENS = {
     "pad": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
@@ -66,7 +67,7 @@ class EncodedSample:
     media: List[MediaItem]    # in order of appearance
     speech_targets: List[Dict[str, Any]] = field(default_factory=list)  # assistant audio: name, audio, codec
     key: Optional[str] = None
-    position_ids: Optional[torch.Tensor] = None  # [3, n] TM-RoPE ids when computed (not done here)
+    position_ids: Optional[torch.Tensor] = None  # [3, n] TM-RoPE ids (rope_index.py); int64, float32 if fractional
 
     def labels(self, ignore_index: int = -100) -> torch.Tensor:
         """input_ids where the token is a target, ``ignore_index`` elsewhere (unshifted)."""
@@ -206,9 +207,17 @@ class ChatEncoder:
             b.tokens([self.ids["im_start"]], False)
             b.text("assistant\n", False)
         b.flush()
-        return EncodedSample(input_ids=torch.tensor(b.ids, dtype=torch.long),
-                             loss_mask=torch.tensor(b.mask, dtype=torch.bool), media=items,
-                             speech_targets=speech, key=key)
+        input_ids = torch.tensor(b.ids, dtype=torch.long)
+        return EncodedSample(input_ids=input_ids, loss_mask=torch.tensor(b.mask, dtype=torch.bool), media=items,
+                             speech_targets=speech, key=key, position_ids=self.position_ids(input_ids, items))
+
+    def position_ids(self, input_ids: torch.Tensor, items: Sequence[MediaItem]) -> torch.Tensor:
+        """TM-RoPE ids [3, n] of one encoded conversation, as the reference thinker's ``get_rope_index``."""
+        return tm_rope_position_ids(
+            input_ids, items, image_token_id=self.ids["image_pad"], video_token_id=self.ids["video_pad"],
+            audio_token_id=self.ids["audio_pad"], vision_start_token_id=self.ids["vision_start"],
+            audio_start_token_id=self.ids["audio_start"], spatial_merge_size=self.vision_cfg.merge_size,
+            position_id_per_seconds=self.position_id_per_seconds)
 
     def encode(self, sample: Dict[str, Any]) -> EncodedSample:
         """A ``decode_sample`` result -> ``EncodedSample``; failures raise ``SampleError``."""

@@ -29,5 +29,6 @@ setup(
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["omni-train=omni_train.train:main",
-                                      "omni-data=data_pipelines.cli:main"]},
+                                      "omni-data=data_pipelines.cli:main",
+                                      "omni-convert=omni_train.export.convert:main"]},
 )

@@ -2,15 +2,18 @@
 
 HF side: the released safetensors layout (``thinker.model.layers.N.*``, one tensor per expert
 ``mlp.experts.{i}.{gate,up,down}_proj.weight``), i.e. what ``save_pretrained`` writes, not the fused
-in-memory experts. Megatron side: unsharded names (tp = ep = pp = 1); sharding is megatron's business.
+in-memory experts. Megatron side: unsharded names (tp = ep = pp = 1). ``tp_slice`` cuts an unsharded
+tensor into a tensor-parallel rank's piece; layer (pp) and expert (ep) offsets are the caller's.
 
-Each row is (megatron template, HF templates, transform); ``{layer}`` and ``{expert}`` are filled in.
+Each row is (megatron template, HF templates, transform, HF shapes); ``{layer}`` and ``{expert}`` are
+filled in. HF shapes are written in the size names of ``_sizes`` so that import can name a mis-shaped
+tensor before touching it. ``HF_PREFIXES`` renames the Qwen3-Omni names for a plain Qwen3-MoE LM.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
@@ -26,30 +29,44 @@ class Row:
     megatron: str
     hf: Tuple[str, ...]
     kind: str  # "copy" | "qkv" | "gated_mlp"
+    shapes: Tuple[Tuple[str, ...], ...]  # one per HF tensor, in size names (see _sizes)
+
+
+_H, _V, _D, _F, _E_ = ("hidden",), ("vocab",), ("head_dim",), ("ffn",), ("experts",)
 
 
 TABLE: List[Row] = [
-    Row("embedding.word_embeddings.weight", ("thinker.model.embed_tokens.weight",), "copy"),
-    Row("decoder.final_layernorm.weight", ("thinker.model.norm.weight",), "copy"),
-    Row("output_layer.weight", ("thinker.lm_head.weight",), "copy"),
-    Row(f"{_M}.input_layernorm.weight", (f"{_L}.input_layernorm.weight",), "copy"),
+    Row("embedding.word_embeddings.weight", ("thinker.model.embed_tokens.weight",), "copy", (_V + _H,)),
+    Row("decoder.final_layernorm.weight", ("thinker.model.norm.weight",), "copy", (_H,)),
+    Row("output_layer.weight", ("thinker.lm_head.weight",), "copy", (_V + _H,)),
+    Row(f"{_M}.input_layernorm.weight", (f"{_L}.input_layernorm.weight",), "copy", (_H,)),
     Row(
         f"{_M}.self_attention.linear_qkv.weight",
         tuple(f"{_L}.self_attn.{p}_proj.weight" for p in "qkv"),
         "qkv",
+        (("q_rows",) + _H, ("kv_rows",) + _H, ("kv_rows",) + _H),
     ),
-    Row(f"{_M}.self_attention.q_layernorm.weight", (f"{_L}.self_attn.q_norm.weight",), "copy"),
-    Row(f"{_M}.self_attention.k_layernorm.weight", (f"{_L}.self_attn.k_norm.weight",), "copy"),
-    Row(f"{_M}.self_attention.linear_proj.weight", (f"{_L}.self_attn.o_proj.weight",), "copy"),
-    Row(f"{_M}.pre_mlp_layernorm.weight", (f"{_L}.post_attention_layernorm.weight",), "copy"),
-    Row(f"{_M}.mlp.router.weight", (f"{_L}.mlp.gate.weight",), "copy"),
+    Row(f"{_M}.self_attention.q_layernorm.weight", (f"{_L}.self_attn.q_norm.weight",), "copy", (_D,)),
+    Row(f"{_M}.self_attention.k_layernorm.weight", (f"{_L}.self_attn.k_norm.weight",), "copy", (_D,)),
+    Row(f"{_M}.self_attention.linear_proj.weight", (f"{_L}.self_attn.o_proj.weight",), "copy",
+        (_H + ("q_rows",),)),
+    Row(f"{_M}.pre_mlp_layernorm.weight", (f"{_L}.post_attention_layernorm.weight",), "copy", (_H,)),
+    Row(f"{_M}.mlp.router.weight", (f"{_L}.mlp.gate.weight",), "copy", (_E_ + _H,)),
     Row(
         f"{_M}.{_E}.linear_fc1.weight",
         (f"{_L}.mlp.experts.{{expert}}.gate_proj.weight", f"{_L}.mlp.experts.{{expert}}.up_proj.weight"),
         "gated_mlp",
+        (_F + _H, _F + _H),
     ),
-    Row(f"{_M}.{_E}.linear_fc2.weight", (f"{_L}.mlp.experts.{{expert}}.down_proj.weight",), "copy"),
+    Row(f"{_M}.{_E}.linear_fc2.weight", (f"{_L}.mlp.experts.{{expert}}.down_proj.weight",), "copy",
+        (_H + _F,)),
 ]
+
+# HF name prefixes per source layout: the table is written in the Qwen3-Omni names.
+HF_PREFIXES: Dict[str, Dict[str, str]] = {
+    "qwen3_omni_moe": {},
+    "qwen3_moe": {"thinker.model.": "model.", "thinker.lm_head.": "lm_head."},
+}
 
 
 def _merge_qkv(q, k, v, cfg: ModelConfig) -> torch.Tensor:
@@ -116,3 +133,122 @@ def megatron_to_hf(mg_state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[
             for name, tensor in zip(hf_names, _to_hf(row, mg_state[mg_name], cfg)):
                 out[name] = tensor.contiguous()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers for streaming conversion (omni_train.export): one tensor at a time, any layout.
+
+
+def _sizes(cfg: ModelConfig) -> Dict[str, int]:
+    return dict(
+        hidden=cfg.hidden_size, vocab=cfg.vocab_size, head_dim=cfg.head_dim, ffn=cfg.moe_ffn_hidden_size,
+        experts=cfg.num_experts, q_rows=cfg.num_attention_heads * cfg.head_dim,
+        kv_rows=cfg.num_query_groups * cfg.head_dim,
+    )
+
+
+def hf_shapes(row: Row, cfg: ModelConfig) -> List[Tuple[int, ...]]:
+    """The shape each of the row's HF tensors must have for these sizes."""
+    sizes = _sizes(cfg)
+    return [tuple(sizes[n] for n in names) for names in row.shapes]
+
+
+def expand_table(cfg: ModelConfig) -> Iterator[Tuple[Row, str, Tuple[str, ...]]]:
+    """(row, unsharded megatron name, HF names) for every LM tensor, table order."""
+    for row in TABLE:
+        for mg_name, hf_names in _expand(row, cfg):
+            yield row, mg_name, hf_names
+
+
+def rename_hf(name: str, layout: str) -> str:
+    """A table (Qwen3-Omni) HF name in the given source layout's names."""
+    for old, new in HF_PREFIXES[layout].items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def to_megatron(row: Row, tensors, cfg: ModelConfig) -> torch.Tensor:
+    return _to_megatron(row, tensors, cfg)
+
+
+def to_hf(row: Row, tensor: torch.Tensor, cfg: ModelConfig):
+    return tuple(t.contiguous() for t in _to_hf(row, tensor, cfg))
+
+
+def tp_slice(row: Row, full: torch.Tensor, partition_dim: int, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The tensor-parallel rank's piece of an unsharded megatron tensor split along ``partition_dim``.
+
+    Fused QKV is laid out per query group, so a contiguous cut is whole groups. Fused fc1 = [gate; up]
+    is cut per half (each rank holds [gate_r; up_r]), as megatron's column-parallel GLU does.
+    """
+    if tp_size == 1:
+        return full
+    if row.kind == "gated_mlp":
+        return torch.cat([h.chunk(tp_size, dim=partition_dim)[tp_rank] for h in full.chunk(2, dim=0)])
+    return full.chunk(tp_size, dim=partition_dim)[tp_rank]
+
+
+_DEFAULT_MROPE = {128: [24, 20, 20]}
+
+
+def _rope(text_config: dict) -> Tuple[float, List[int] | None]:
+    """rope theta and mrope section from transformers v5 ``rope_parameters`` or v4 ``rope_scaling``."""
+    params = text_config.get("rope_parameters") or {}
+    scaling = text_config.get("rope_scaling") or {}
+    theta = params.get("rope_theta", text_config.get("rope_theta", 1_000_000.0))
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ValueError(f"text_config.rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
+    section = params.get("mrope_section", scaling.get("mrope_section"))
+    return float(theta), (list(section) if section is not None else None)
+
+
+def _check_supported(text_config: dict) -> None:
+    need = {"norm_topk_prob": True, "tie_word_embeddings": False, "attention_bias": False,
+            "decoder_sparse_step": 1}
+    for field, value in need.items():
+        if field in text_config and text_config[field] != value:
+            raise ValueError(f"text_config.{field}={text_config[field]!r} is not supported (need {value!r})")
+    if text_config.get("mlp_only_layers"):
+        raise ValueError(f"text_config.mlp_only_layers={text_config['mlp_only_layers']!r} is not supported "
+                         "(every layer must be MoE)")
+    if text_config.get("shared_expert_intermediate_size"):
+        raise ValueError("text_config.shared_expert_intermediate_size is not supported (no shared expert)")
+
+
+def model_config_from_hf(text_config: dict, flavor: str = "from_hf") -> ModelConfig:
+    """Thinker LM sizes from an HF text config (the Qwen3-Omni thinker's, or a Qwen3-MoE config.json).
+
+    Fields the Thinker LM cannot represent raise ValueError naming the field.
+    """
+    _check_supported(text_config)
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+        if field not in text_config:
+            raise ValueError(f"text_config.{field} is missing")
+    heads = text_config["num_attention_heads"]
+    head_dim = text_config.get("head_dim") or text_config["hidden_size"] // heads
+    theta, section = _rope(text_config)
+    if section is None:  # plain RoPE (Qwen3-MoE): any section gives the same angles for text positions
+        section = _DEFAULT_MROPE.get(head_dim, [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6])
+    if sum(section) != head_dim // 2:
+        raise ValueError(f"text_config mrope_section={section} must sum to head_dim/2={head_dim // 2}")
+    return ModelConfig(
+        flavor=flavor,
+        vocab_size=text_config["vocab_size"],
+        hidden_size=text_config["hidden_size"],
+        num_layers=text_config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=text_config.get("num_key_value_heads", heads),
+        head_dim=head_dim,
+        num_experts=text_config["num_experts"],
+        router_topk=text_config["num_experts_per_tok"],
+        moe_ffn_hidden_size=text_config["moe_intermediate_size"],
+        rope_theta=theta,
+        mrope_section=section,
+        rms_norm_eps=text_config.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=text_config.get("max_position_embeddings", 65536),
+        init_std=text_config.get("initializer_range", 0.02),
+        aux_loss_coeff=text_config.get("router_aux_loss_coef", 1e-3),
+    )

@@ -1,0 +1,373 @@
+"""omni-convert: HF Qwen3-Omni (or Qwen3-MoE) checkpoints <-> our megatron dist checkpoints.
+
+    omni-convert import HF_DIR OUT_CKPT [--tp N --pp N --ep N] [--from-qwen3-moe]   (torchrun for N > 1)
+    omni-convert export CKPT OUT_HF_DIR [--max-shard-mb MB]
+
+Import builds the Thinker LM for the layout (on "meta", then empty CPU storage: no random init), fills each
+rank's shards from the HF tensors it needs, one HF tensor at a time, and writes a dist checkpoint:
+``model`` (the GPTModel's sharded_state_dict, as CheckpointManager writes it), ``carried`` (every non-LM
+HF tensor, keyed ``carried.<HF name>``, written by rank 0), the ``omni_train.json`` marker and the HF
+config.json / generation_config.json. Export reads the checkpoint's global tensors layer by layer through
+a world-size-1 sharded state dict, whatever layout wrote it, and writes transformers' on-disk layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from omni_train.checkpoint.manager import MARKER, latest_checkpoint
+from omni_train.config.schema import ParallelConfig
+from omni_train.export.hf_io import HFReader, ShardedWriter
+from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.models.thinker_lm_bridge import (
+    expand_table, hf_shapes, model_config_from_hf, rename_hf, tp_slice, to_hf, to_megatron,
+)
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+CARRIED = "carried."
+
+# Source layouts: the architecture string config.json must name, and where its text config is.
+SOURCES = {
+    "qwen3_omni_moe": ("Qwen3OmniMoeForConditionalGeneration", lambda c: c["thinker_config"]["text_config"]),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", lambda c: c),
+}
+
+
+def read_hf_config(root: Path, source: str) -> Tuple[dict, dict]:
+    """(config.json, its text config); raises if config.json names another architecture."""
+    config = json.loads((Path(root) / "config.json").read_text())
+    architecture, text_of = SOURCES[source]
+    found = config.get("architectures") or []
+    if found != [architecture]:
+        raise ValueError(f"unsupported architecture: config.json field 'architectures' is {found}, "
+                         f"expected [{architecture!r}]")
+    try:
+        return config, text_of(config)
+    except KeyError as missing:
+        raise ValueError(f"config.json has no {missing} (needed for the text config)") from None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------
+# import
+
+
+def check_hf_lm(reader: HFReader, cfg, source: str) -> Tuple[torch.dtype, set]:
+    """Every LM tensor present with the shape the config implies, one dtype; returns (dtype, names)."""
+    names, dtypes = set(), {}
+    for row, _, hf_names in expand_table(cfg):
+        for table_name, want in zip(hf_names, hf_shapes(row, cfg)):
+            name = rename_hf(table_name, source)
+            if name not in reader:
+                raise ValueError(f"tensor {name!r} is missing from the HF checkpoint")
+            shape, dtype = reader.meta(name)
+            if shape != want:
+                raise ValueError(f"tensor {name!r} has shape {list(shape)}, the config implies {list(want)}")
+            names.add(name)
+            dtypes.setdefault(dtype, name)
+    if len(dtypes) > 1:
+        raise ValueError(f"LM tensors mix dtypes: {dict((str(d), n) for d, n in dtypes.items())}")
+    return next(iter(dtypes)), names
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+
+
+def global_name(local: str, model, experts_per_rank: int) -> str:
+    """This rank's parameter name -> the unsharded (tp = pp = ep = 1) megatron name."""
+    layer = _LAYER.match(local)
+    if layer:
+        number = model.decoder.layers[int(layer.group(1))].layer_number - 1  # global, 0-based
+        local = _LAYER.sub(f"decoder.layers.{number}.", local)
+    offset = parallel_state.get_expert_model_parallel_rank() * experts_per_rank
+    return _EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + offset}.", local)
+
+
+def build_empty_lm(cfg, parallel_cfg: ParallelConfig, dtype: torch.dtype):
+    """The rank's LM with uninitialized CPU storage; returns (model, {name: (tp split?, partition dim)})."""
+    model = build_thinker_lm(cfg, parallel_cfg, device="meta", params_dtype=dtype,
+                             pre_process=parallel_state.is_pipeline_first_stage(),
+                             post_process=parallel_state.is_pipeline_last_stage())
+    splits = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0))
+              for n, p in model.named_parameters()}  # to_empty makes new Parameters without these
+    return model.to_empty(device="cpu"), splits
+
+
+def fill_lm(model, splits, reader: HFReader, cfg, source: str) -> None:
+    """Copy every local parameter's piece from the HF tensors, reading only the tensors it needs."""
+    table = {mg: (row, hf) for row, mg, hf in expand_table(cfg)}
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    experts_per_rank = cfg.num_experts // parallel_state.get_expert_model_parallel_world_size()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            unsharded = global_name(name, model, experts_per_rank)
+            if unsharded not in table:
+                raise ValueError(f"megatron parameter {unsharded!r} has no row in the bridge table")
+            row, hf_names = table[unsharded]
+            full = to_megatron(row, [reader.get(rename_hf(n, source)) for n in hf_names], cfg)
+            split, dim = splits[name]
+            piece = tp_slice(row, full, dim, tp_rank, tp_size) if split else full
+            if piece.shape != param.shape:
+                raise ValueError(f"{unsharded!r} from {hf_names}: piece {list(piece.shape)} "
+                                 f"!= parameter {list(param.shape)}")
+            param.copy_(piece)
+
+
+def carried_state(reader: HFReader, names: List[str]) -> Dict[str, ShardedTensor]:
+    """Replicated non-LM tensors, keyed by HF name; only rank 0 contributes (and reads) them."""
+    if _rank() != 0:
+        return {}
+    return {n: ShardedTensor.from_rank_offsets(CARRIED + n, reader.get(n), replica_id=0) for n in names}
+
+
+def import_hf(hf_dir: Path, out: Path, parallel_cfg: ParallelConfig, source: str = "qwen3_omni_moe") -> Path:
+    """HF checkpoint dir -> our dist checkpoint at ``out``; megatron's parallel state must match the layout."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    _, text = read_hf_config(hf_dir, source)
+    cfg = model_config_from_hf(text)
+    reader = HFReader(hf_dir)
+    dtype, lm_names = check_hf_lm(reader, cfg, source)
+    carried = [n for n in reader.names() if n not in lm_names]
+    if source == "qwen3_moe" and carried:
+        raise ValueError(f"tensor {carried[0]!r} is not part of the Qwen3-MoE LM ({len(carried)} unexpected)")
+    model, splits = build_empty_lm(cfg, parallel_cfg, dtype)
+    fill_lm(model, splits, reader, cfg, source)
+    tmp = out.with_name(out.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": model.sharded_state_dict()}
+    if _rank() == 0 and carried:
+        state["carried"] = carried_state(reader, carried)
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        for name in CONFIG_FILES:
+            if (hf_dir / name).exists():
+                shutil.copy(hf_dir / name, tmp / name)
+        marker = dict(step=0, consumed_samples=0, hf_source=source, layout=vars(parallel_cfg))
+        (tmp / MARKER).write_text(json.dumps(marker))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    _barrier()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# export
+
+
+def key_templates(cfg, dtype: torch.dtype) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """Checkpoint key -> (unsharded megatron name template, global shape), from a world-size-1 meta model.
+
+    Layer keys carry a leading layer axis, expert keys then an expert axis (megatron's prepended axes).
+    """
+    model = build_thinker_lm(cfg, ParallelConfig(), device="meta", params_dtype=dtype)
+    params = dict(model.named_parameters())
+    out = {}
+    for name, sh in model.sharded_state_dict().items():
+        if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
+            continue
+        template = _EXPERT.sub(".local_experts.{expert}.", _LAYER.sub("decoder.layers.{layer}.", name))
+        shape = ((cfg.num_layers,) if "{layer}" in template else ()) + (
+            (cfg.num_experts,) if "{expert}" in template else ()) + tuple(params[name].shape)
+        out.setdefault(sh.key, (template, shape))
+    return out
+
+
+def _check_against_metadata(keys: dict, metadata: dict) -> None:
+    for key, (template, shape) in keys.items():
+        if key not in metadata:
+            raise ValueError(f"checkpoint is missing tensor {key!r} (for {template!r})")
+        if tuple(metadata[key].global_shape) != shape:
+            raise ValueError(f"checkpoint tensor {key!r} has shape {list(metadata[key].global_shape)}, "
+                             f"the config implies {list(shape)}")
+
+
+class _BoxPlanner(DefaultLoadPlanner):
+    """Reads, for each key, the box of the global tensor that starts at ``offsets[key]`` and has the
+    shape of the destination tensor; only the stored chunks overlapping it are read."""
+
+    def __init__(self, offsets: Dict[str, Tuple[int, ...]]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, tensor in self.state_dict.items():
+            box = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=tensor.size())
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [box])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index) -> torch.Tensor:  # the destination is the box itself
+        return self.state_dict[index.fqn]
+
+
+def read_boxes(ckpt: Path, boxes: Dict[str, Tuple[Tuple[int, ...], torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """{key: (global offsets, destination)} -> {key: destination filled from the checkpoint}.
+
+    Reads the torch_dist (DCP) files directly: megatron's loader cannot load a part of a tensor at world
+    size 1 (it places the other parts on "another" rank, which is rank 0 again).
+    """
+    state = {key: dest for key, (_, dest) in boxes.items()}
+    planner = _BoxPlanner({key: offsets for key, (offsets, _) in boxes.items()})
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), planner=planner, no_dist=True)
+    return state
+
+
+def _read_layer(ckpt: Path, keys: dict, metadata: dict, layer) -> Dict[str, torch.Tensor]:
+    """{unsharded megatron name: tensor} of one layer (or of the non-layer keys for layer None)."""
+    boxes = {}
+    for key, (template, shape) in keys.items():
+        if ("{layer}" in template) != (layer is not None):
+            continue
+        box = shape if layer is None else (1,) + shape[1:]
+        offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
+        boxes[key] = (offsets, torch.empty(box, dtype=metadata[key].dtype))
+    out = {}
+    for key, tensor in read_boxes(ckpt, boxes).items():
+        template = keys[key][0]
+        if layer is None:
+            out[template] = tensor
+        elif "{expert}" in template:
+            out.update({template.format(layer=layer, expert=e): t for e, t in enumerate(tensor[0])})
+        else:
+            out[template.format(layer=layer)] = tensor[0]
+    return out
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    path = Path(path)
+    if (path / MARKER).exists():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no {MARKER} (not a complete checkpoint or checkpoint root)")
+    return found
+
+
+def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Our checkpoint (any layout) -> transformers' on-disk layout; needs world-size-1 parallel state."""
+    ckpt, out = resolve_checkpoint(ckpt), Path(out)
+    source = json.loads((ckpt / MARKER).read_text()).get("hf_source")
+    if source not in SOURCES:
+        raise ValueError(f"{ckpt / MARKER}: field 'hf_source' is {source!r}; this checkpoint was not "
+                         f"imported from HF, expected one of {sorted(SOURCES)}")
+    _, text = read_hf_config(ckpt, source)
+    cfg = model_config_from_hf(text)
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    if "embedding.word_embeddings.weight" not in metadata:
+        raise ValueError(f"{ckpt}: checkpoint is missing tensor 'embedding.word_embeddings.weight'")
+    dtype = metadata["embedding.word_embeddings.weight"].dtype
+    keys = key_templates(cfg, dtype)
+    _check_against_metadata(keys, metadata)
+    table = {mg: (row, hf) for row, mg, hf in expand_table(cfg)}
+    writer = ShardedWriter(out, max_shard_bytes)
+    for layer in [None] + list(range(cfg.num_layers)):
+        for name, tensor in _read_layer(ckpt, keys, metadata, layer).items():
+            row, hf_names = table[name]
+            for hf_name, piece in zip(hf_names, to_hf(row, tensor, cfg)):
+                writer.add(rename_hf(hf_name, source), piece)
+    _export_carried(ckpt, metadata, set(keys), writer, max_shard_bytes)
+    writer.close()
+    for name in CONFIG_FILES:
+        if (ckpt / name).exists():
+            shutil.copy(ckpt / name, out / name)
+    return out
+
+
+def _export_carried(ckpt: Path, metadata: dict, used: set, writer: ShardedWriter, budget: int) -> None:
+    """The carried tensors, loaded in batches of at most ``budget`` bytes; any other key is an error."""
+    batch, size = {}, 0
+    for key, meta in metadata.items():
+        if key in used:
+            continue
+        if not key.startswith(CARRIED):
+            raise ValueError(f"checkpoint tensor {key!r} is neither an LM tensor of this config nor carried")
+        nbytes = meta.dtype.itemsize * torch.Size(meta.global_shape).numel()
+        if batch and size + nbytes > budget:
+            _write_batch(ckpt, batch, writer)
+            batch, size = {}, 0
+        batch[key] = ((0,) * len(meta.global_shape), torch.empty(meta.global_shape, dtype=meta.dtype))
+        size += nbytes
+    if batch:
+        _write_batch(ckpt, batch, writer)
+
+
+def _write_batch(ckpt: Path, batch: dict, writer: ShardedWriter) -> None:
+    for key, tensor in read_boxes(ckpt, batch).items():
+        writer.add(key[len(CARRIED):], tensor)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni-convert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF checkpoint dir -> our dist checkpoint (torchrun for N > 1)")
+    imp.add_argument("hf_dir", type=Path)
+    imp.add_argument("out_ckpt", type=Path)
+    for flag in ("--tp", "--pp", "--ep"):
+        imp.add_argument(flag, type=int, default=1)
+    imp.add_argument("--from-qwen3-moe", action="store_true",
+                     help="the HF dir holds a Qwen3MoeForCausalLM; import it into the Thinker LM alone")
+    exp = sub.add_parser("export", help="our checkpoint (any layout) -> transformers' on-disk layout")
+    exp.add_argument("ckpt", type=Path, help="a checkpoint dir, or a checkpoint root with 'latest'")
+    exp.add_argument("out_hf_dir", type=Path)
+    exp.add_argument("--max-shard-mb", type=int, default=2048)
+    return parser
+
+
+def main(argv=None) -> None:
+    from omni_train.parallel.setup import init_parallel, shutdown_parallel
+
+    args = _parser().parse_args(argv)
+    layout = ParallelConfig(backend="gloo")
+    if args.command == "import":
+        layout = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo",
+                                sequence_parallel=args.tp > 1)  # megatron: MoE + TP needs SP
+    init_parallel(layout, torch.device("cpu"), seed=0)
+    try:
+        if args.command == "import":
+            source = "qwen3_moe" if args.from_qwen3_moe else "qwen3_omni_moe"
+            out = import_hf(args.hf_dir, args.out_ckpt, layout, source)
+        else:
+            if dist.get_world_size() != 1:
+                raise SystemExit("omni-convert export runs as a single process")
+            out = export_hf(args.ckpt, args.out_hf_dir, args.max_shard_mb * 1024**2)
+        if _rank() == 0:
+            print(f"omni-convert {args.command}: wrote {out}")
+    finally:
+        shutdown_parallel()
+
+
+if __name__ == "__main__":
+    main()

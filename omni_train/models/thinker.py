@@ -1,0 +1,308 @@
+"""The Thinker: audio tower + vision tower (transformers' own modules) + our megatron MoE LM.
+
+    OmniThinker
+      audio_tower      transformers' Qwen3OmniMoeAudioEncoder   (HF on-disk ``thinker.audio_tower.*``)
+      visual           transformers' Qwen3OmniMoeVisionEncoder  (HF on-disk ``thinker.visual.*``)
+      language_model   megatron GPTModel from ``build_thinker_lm`` (HF names via thinker_lm_bridge)
+
+The towers are reused from transformers unchanged, so their parameter names are the HF on-disk names
+minus the ``thinker.`` prefix and tower weights load by name. The forward follows transformers'
+``Qwen3OmniMoeThinkerModel.forward``:
+
+1. token embeddings from the LM's embedding;
+2. placeholder positions replaced by tower outputs, in the reference's order: audio, image, video
+   (each by ``masked_scatter`` over the [B, S] placeholder mask, i.e. features in batch-then-sequence
+   order);
+3. DeepStack: the vision encoder's intermediate (deepstack) features are added to the hidden states at
+   the image/video positions after decoder layers 0 .. k-1 (k = len(deepstack_visual_indexes)).
+   Done with forward hooks on ``language_model.decoder.layers[i]`` that add a dense [S, B, H] tensor,
+   zero outside the visual positions (hidden + 0 is exact, so this equals the reference's
+   ``hidden[mask] + features``). The tensors are set at the start of every forward and kept until the
+   next one, so that activation recomputation during backward sees the same values.
+
+Unused towers under data parallelism: a batch without audio (or without images/videos) would leave that
+tower's parameters without gradients, and DDP (torch's, or megatron's bucketed reduce) waits for them.
+We add ``0 * sum(p.sum() for p in tower parameters)`` to the embeddings instead of running the tower
+on a dummy input: every trainable tower parameter gets an exact zero gradient, nothing is computed
+through the tower, and the forward value is unchanged (x + 0.0 == x). Only when grad is enabled and
+the tower has trainable parameters.
+
+Layout support: tp = pp = cp = 1 (any data / expert parallel degree). The merge works on the full
+sequence; sequence parallelism (needed for MoE with TP), context parallelism and pipeline stages would
+need the merge and the DeepStack tensors split like the hidden states; ``build_omni_thinker`` refuses them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import torch
+from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
+    Qwen3OmniMoeAudioEncoderConfig,
+    Qwen3OmniMoeThinkerConfig,
+    Qwen3OmniMoeVisionEncoderConfig,
+)
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    Qwen3OmniMoeAudioEncoder,
+    Qwen3OmniMoeVisionEncoder,
+)
+
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+from omni_train.config.schema import ModelConfig, ParallelConfig
+from omni_train.models.thinker_lm import build_thinker_lm
+
+
+@dataclass(frozen=True)
+class PlaceholderIds:
+    """Token ids the processor puts where tower features go."""
+
+    audio: int
+    image: int
+    video: int
+
+
+def _placeholder_mask(input_ids: torch.Tensor, token_id: int, features: torch.Tensor, kind: str):
+    mask = input_ids == token_id  # [B, S]
+    if int(mask.sum()) != features.shape[0]:
+        raise ValueError(f"{kind}: {int(mask.sum())} placeholder tokens but {features.shape[0]} features")
+    return mask
+
+
+def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """embeds [B, S, H] with the masked positions replaced by features (batch-then-sequence order)."""
+    return embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
+
+
+def _data_parallel_rank() -> int:
+    """Replica id of a replicated tensor: only data-parallel rank 0 writes it."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+
+def _zero_from(module: torch.nn.Module) -> Optional[torch.Tensor]:
+    """0 * (sum of the trainable parameters): a zero that gives each of them an exact zero gradient."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params or not torch.is_grad_enabled():
+        return None
+    return 0.0 * sum(p.sum() for p in params)
+
+
+class OmniThinker(torch.nn.Module):
+    """Audio and vision towers feeding the megatron Thinker LM. Forward returns what GPTModel returns:
+    per-token loss [B, S] with labels, logits [B, S, V] without."""
+
+    def __init__(
+        self,
+        audio_tower: Qwen3OmniMoeAudioEncoder,
+        visual: Qwen3OmniMoeVisionEncoder,
+        language_model: torch.nn.Module,
+        placeholder_ids: PlaceholderIds,
+    ):
+        super().__init__()
+        self.audio_tower = audio_tower
+        self.visual = visual
+        self.language_model = language_model
+        self.placeholder_ids = placeholder_ids
+        self.num_deepstack_levels = len(visual.config.deepstack_visual_indexes)
+        layers = language_model.decoder.layers
+        if self.num_deepstack_levels > len(layers):
+            raise ValueError(f"{self.num_deepstack_levels} DeepStack levels but {len(layers)} decoder layers")
+        self._deepstack: Optional[List[torch.Tensor]] = None  # per level, [S, B, H]; set per forward
+        for level in range(self.num_deepstack_levels):
+            layers[level].register_forward_hook(self._deepstack_hook(level))
+
+    @property
+    def config(self):
+        """The LM's TransformerConfig (what megatron's DDP and the loop read)."""
+        return self.language_model.config
+
+    @property
+    def model_type(self):
+        """What megatron's schedules read from the model (an encoder-and-decoder or decoder-only model)."""
+        return self.language_model.model_type
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """megatron's schedules hand the previous pipeline stage's output here (pp=1: None)."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def _deepstack_hook(self, level: int):
+        def add_visual_features(module, args, output):
+            if self._deepstack is None:
+                return None
+            hidden, context = output
+            return hidden + self._deepstack[level], context
+
+        return add_visual_features
+
+    # ----- checkpointing ----------------------------------------------------------------------------
+
+    TOWERS = ("audio_tower", "visual")
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """The LM's sharded state under ``language_model.``; the towers' tensors as replicated
+        ShardedTensors (one copy per data-parallel rank, written by rank 0), under their module names.
+        The tensors are the parameters themselves, so optimizer state maps onto them."""
+        state = self.language_model.sharded_state_dict(
+            prefix=f"{prefix}language_model.", sharded_offsets=sharded_offsets, metadata=metadata)
+        replica = _data_parallel_rank()
+        for tower in self.TOWERS:
+            for name, tensor in getattr(self, tower).state_dict(keep_vars=True).items():
+                key = f"{prefix}{tower}.{name}"
+                state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=replica)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Each part through its own module's load_state_dict (megatron's for the LM)."""
+        parts = {name: {} for name in ("language_model", *self.TOWERS)}
+        for key, value in state_dict.items():
+            head, _, rest = key.partition(".")
+            if head not in parts:
+                raise KeyError(f"unexpected key {key!r} in an OmniThinker state dict")
+            parts[head][rest] = value
+        for name, part in parts.items():
+            getattr(self, name).load_state_dict(part, strict=strict)
+
+    # ----- towers -----------------------------------------------------------------------------------
+
+    def audio_features(self, input_features, feature_attention_mask=None) -> torch.Tensor:
+        """input_features [N, mel, T] (+ mask [N, T]) -> [tokens, H], audios concatenated."""
+        if feature_attention_mask is None:
+            n, _, t = input_features.shape
+            feature_attention_mask = torch.ones(n, t, dtype=torch.long, device=input_features.device)
+        lengths = feature_attention_mask.sum(dim=1)
+        valid = feature_attention_mask.bool()
+        flat = input_features.permute(0, 2, 1)[valid].permute(1, 0)  # [mel, sum of lengths]
+        return self.audio_tower(flat, feature_lens=lengths).last_hidden_state
+
+    def visual_features(self, pixel_values, grid_thw):
+        """Patches [P, C*t*p*p] + grid_thw [N, 3] -> ([tokens, H], [tokens, H] per DeepStack level)."""
+        out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw)
+        return out.pooler_output, list(out.deepstack_features)
+
+    # ----- forward ----------------------------------------------------------------------------------
+
+    def _merge(self, embeds, input_ids, input_features, feature_attention_mask, pixel_values,
+               image_grid_thw, pixel_values_videos, video_grid_thw):
+        """[B, S, H] embeddings with tower outputs merged; DeepStack tensors [S, B, H] or None."""
+        ids = self.placeholder_ids
+        zeros = []
+        if input_features is not None:
+            audio = self.audio_features(input_features, feature_attention_mask)
+            embeds = _scatter(embeds, _placeholder_mask(input_ids, ids.audio, audio, "audio"), audio)
+        else:
+            zeros.append(_zero_from(self.audio_tower))
+        levels = None  # DeepStack: per level, [B, S, H], zero outside image / video positions
+        for pixels, grid, token_id, kind in (
+            (pixel_values, image_grid_thw, ids.image, "image"),
+            (pixel_values_videos, video_grid_thw, ids.video, "video"),
+        ):
+            if pixels is None:
+                continue
+            feats, deepstack = self.visual_features(pixels, grid)
+            mask = _placeholder_mask(input_ids, token_id, feats, kind)
+            embeds = _scatter(embeds, mask, feats)
+            if levels is None:
+                levels = [torch.zeros_like(embeds) for _ in deepstack]
+            levels = [_scatter(level, mask, f) for level, f in zip(levels, deepstack)]
+        if levels is None:
+            zeros.append(_zero_from(self.visual))
+        for zero in zeros:
+            if zero is not None:
+                embeds = embeds + zero
+        if levels is not None:
+            levels = [level.transpose(0, 1).contiguous() for level in levels]  # [S, B, H]
+        return embeds, levels
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        input_features: Optional[torch.Tensor] = None,
+        feature_attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        pixel_values_videos: Optional[torch.Tensor] = None,
+        video_grid_thw: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+        embeds, self._deepstack = self._merge(
+            embeds.transpose(0, 1), input_ids, input_features, feature_attention_mask, pixel_values,
+            image_grid_thw, pixel_values_videos, video_grid_thw,
+        )
+        return self.language_model(
+            input_ids,
+            position_ids,
+            attention_mask,
+            decoder_input=embeds.transpose(0, 1).contiguous(),
+            labels=labels,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _thinker_config(hf_config: Union[Qwen3OmniMoeThinkerConfig, Dict]) -> Qwen3OmniMoeThinkerConfig:
+    if isinstance(hf_config, Qwen3OmniMoeThinkerConfig):
+        return copy.deepcopy(hf_config)
+    return Qwen3OmniMoeThinkerConfig(**hf_config)
+
+
+def _check_layout(parallel_cfg: ParallelConfig) -> None:
+    if parallel_cfg.tp > 1 or parallel_cfg.pp > 1 or parallel_cfg.cp > 1 or parallel_cfg.sequence_parallel:
+        raise NotImplementedError(
+            "OmniThinker merges tower outputs on the full sequence: tp, pp, cp must be 1 and "
+            f"sequence_parallel off (got tp={parallel_cfg.tp} pp={parallel_cfg.pp} cp={parallel_cfg.cp} "
+            f"sp={parallel_cfg.sequence_parallel})"
+        )
+
+
+def _check_widths(model_cfg: ModelConfig, audio_cfg, vision_cfg) -> None:
+    widths = {"audio output_dim": audio_cfg.output_dim, "vision out_hidden_size": vision_cfg.out_hidden_size}
+    bad = {k: v for k, v in widths.items() if v != model_cfg.hidden_size}
+    if bad:
+        raise ValueError(f"tower widths {bad} != LM hidden_size {model_cfg.hidden_size}")
+
+
+def _build_tower(cls, config, device, params_dtype, attn_implementation):
+    config = copy.deepcopy(config)
+    config._attn_implementation = attn_implementation
+    with torch.device(device):
+        tower = cls(config)
+    return tower.to(dtype=params_dtype)
+
+
+def build_omni_thinker(
+    hf_thinker_config: Union[Qwen3OmniMoeThinkerConfig, Dict],
+    model_cfg: ModelConfig,
+    parallel_cfg: ParallelConfig,
+    *,
+    device: Union[torch.device, str],
+    params_dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+) -> OmniThinker:
+    """Towers from the HF thinker config (a Qwen3OmniMoeThinkerConfig or its dict: ``audio_config``,
+    ``vision_config`` and the placeholder token ids), the LM from ``model_cfg`` (its text_config is not
+    read). Tower attention uses transformers' ``attn_implementation``."""
+    _check_layout(parallel_cfg)
+    hf = _thinker_config(hf_thinker_config)
+    audio_cfg: Qwen3OmniMoeAudioEncoderConfig = hf.audio_config
+    vision_cfg: Qwen3OmniMoeVisionEncoderConfig = hf.vision_config
+    _check_widths(model_cfg, audio_cfg, vision_cfg)
+    device = torch.device(device)
+    return OmniThinker(
+        audio_tower=_build_tower(Qwen3OmniMoeAudioEncoder, audio_cfg, device, params_dtype,
+                                 attn_implementation),
+        visual=_build_tower(Qwen3OmniMoeVisionEncoder, vision_cfg, device, params_dtype,
+                            attn_implementation),
+        language_model=build_thinker_lm(model_cfg, parallel_cfg, device=device, params_dtype=params_dtype),
+        placeholder_ids=PlaceholderIds(
+            audio=hf.audio_token_id, image=hf.image_token_id, video=hf.video_token_id
+        ),
+    )

@@ -23,6 +23,7 @@ from omni_train.checkpoint.manager import (
     TrainState,
     latest_checkpoint,
     load_model_weights,
+    read_provenance,
     resolve_init_from,
 )
 from omni_train.config import TrainConfig
@@ -103,6 +104,7 @@ class Trainer:
         if self.cfg.init_from:
             source = resolve_init_from(self.cfg.init_from, self.run_dir)
             load_model_weights(source, self.model)
+            self.checkpoints.provenance = read_provenance(source)
             self._say(f"initialised model weights from {source}")
         return TrainState()
 

@@ -98,10 +98,26 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
+# Files of the Hugging Face checkpoint a run started from, kept next to every checkpoint it writes.
+HF_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+def read_provenance(path: Path) -> Dict[str, Any]:
+    """Where a checkpoint's weights came from, for export: the HF source kind (``hf_source``), the
+    checkpoint holding the carried non-LM tensors (``carried_from``), and the HF config files."""
+    marker = json.loads((Path(path) / MARKER).read_text())
+    provenance = {k: marker[k] for k in ("hf_source", "carried_from") if marker.get(k)}
+    if (Path(path) / "config.json").exists():
+        provenance["config_dir"] = str(path)
+    return provenance
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int):
         self.root = root
         self.keep_last = keep_last
+        # Set when the run starts from an imported checkpoint; carried into every save (see export).
+        self.provenance: Dict[str, Any] = {}
         if _rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
             for stale in root.glob("step_*.tmp"):  # a save that was killed: never complete
@@ -130,13 +146,21 @@ class CheckpointManager:
         dist_checkpointing.save(state, str(tmp))
         _barrier()
         if _rank() == 0:
-            (tmp / MARKER).write_text(json.dumps(vars(train_state)))
+            self._write_provenance(tmp)
+            marker = dict(vars(train_state), **{k: v for k, v in self.provenance.items() if k != "config_dir"})
+            (tmp / MARKER).write_text(json.dumps(marker))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             _write_atomic(self.root / LATEST, name)
             self._prune(keep=final)
         _barrier()
         return final
+
+    def _write_provenance(self, directory: Path) -> None:
+        config_dir = self.provenance.get("config_dir")
+        for name in HF_CONFIG_FILES if config_dir else ():
+            if (Path(config_dir) / name).exists():
+                shutil.copy(Path(config_dir) / name, directory / name)
 
     def _prune(self, keep: Path) -> None:
         complete = sorted(p for p in self.root.glob("step_*") if p.suffix != ".tmp")
@@ -154,6 +178,7 @@ class CheckpointManager:
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
+        self.provenance = read_provenance(path)
         _set_rng_state(loaded["rng_state"])
         data.load_state_dict(loaded["data_state"])
         return TrainState(**loaded["train_state"])

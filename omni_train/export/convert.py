@@ -40,6 +40,7 @@ from omni_train.models.thinker_lm_bridge import (
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 CARRIED = "carried."
+TRAINING_STATE = ("optimizer.",)  # what a training checkpoint holds besides the model: not exported
 
 # Source layouts: the architecture string config.json must name, and where its text config is.
 SOURCES = {
@@ -171,7 +172,8 @@ def import_hf(hf_dir: Path, out: Path, parallel_cfg: ParallelConfig, source: str
         for name in CONFIG_FILES:
             if (hf_dir / name).exists():
                 shutil.copy(hf_dir / name, tmp / name)
-        marker = dict(step=0, consumed_samples=0, hf_source=source, layout=vars(parallel_cfg))
+        marker = dict(step=0, consumed_samples=0, hf_source=source, carried_from=str(out.resolve()),
+                      layout=vars(parallel_cfg))
         (tmp / MARKER).write_text(json.dumps(marker))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -295,6 +297,7 @@ def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path
             for hf_name, piece in zip(hf_names, to_hf(row, tensor, cfg)):
                 writer.add(rename_hf(hf_name, source), piece)
     _export_carried(ckpt, metadata, set(keys), writer, max_shard_bytes)
+    _export_carried_elsewhere(ckpt, metadata, writer, max_shard_bytes)
     writer.close()
     for name in CONFIG_FILES:
         if (ckpt / name).exists():
@@ -306,7 +309,7 @@ def _export_carried(ckpt: Path, metadata: dict, used: set, writer: ShardedWriter
     """The carried tensors, loaded in batches of at most ``budget`` bytes; any other key is an error."""
     batch, size = {}, 0
     for key, meta in metadata.items():
-        if key in used:
+        if key in used or key.startswith(TRAINING_STATE):
             continue
         if not key.startswith(CARRIED):
             raise ValueError(f"checkpoint tensor {key!r} is neither an LM tensor of this config nor carried")
@@ -318,6 +321,18 @@ def _export_carried(ckpt: Path, metadata: dict, used: set, writer: ShardedWriter
         size += nbytes
     if batch:
         _write_batch(ckpt, batch, writer)
+
+
+def _export_carried_elsewhere(ckpt: Path, metadata: dict, writer: ShardedWriter, budget: int) -> None:
+    """A checkpoint written by training holds the LM only; its non-LM tensors (towers, talker, code2wav)
+    are still those of the imported checkpoint its marker names in ``carried_from``."""
+    source = json.loads((ckpt / MARKER).read_text()).get("carried_from")
+    if not source or Path(source).resolve() == ckpt.resolve() or any(k.startswith(CARRIED) for k in metadata):
+        return
+    if not (Path(source) / MARKER).exists():
+        raise FileNotFoundError(f"{ckpt / MARKER}: field 'carried_from' names {source}, which is not a checkpoint")
+    carried = {k: m for k, m in dist_checkpointing.load_tensors_metadata(source).items() if k.startswith(CARRIED)}
+    _export_carried(Path(source), carried, set(), writer, budget)
 
 
 def _write_batch(ckpt: Path, batch: dict, writer: ShardedWriter) -> None:

@@ -13,6 +13,40 @@ from omegaconf import MISSING
 
 
 @dataclass
+class AudioTowerConfig:
+    """Sizes of the audio encoder (transformers' Qwen3OmniMoeAudioEncoderConfig); its output width is
+    the LM's hidden_size. Defaults: transformers' defaults, the released Qwen3-Omni-30B-A3B audio tower."""
+
+    num_layers: int = 32
+    d_model: int = 1280
+    num_heads: int = 20
+    ffn_dim: int = 5120
+    num_mel_bins: int = 128  # must match the data's log-mel features (128)
+    n_window: int = 50  # must be 50: the placeholder count formula assumes 13 tokens per 100 frames
+    n_window_infer: int = 800
+    downsample_hidden_size: int = 480
+    max_source_positions: int = 1500
+
+
+@dataclass
+class VisionTowerConfig:
+    """Sizes of the vision encoder (transformers' Qwen3OmniMoeVisionEncoderConfig); its output width is
+    the LM's hidden_size. Defaults: transformers' defaults, the released Qwen3-Omni-30B-A3B vision tower.
+    patch_size / spatial_merge_size / temporal_patch_size must match the data's patching (16 / 2 / 2)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    num_heads: int = 16
+    intermediate_size: int = 4304
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    num_position_embeddings: int = 2304
+    # after these vision blocks, features are added to the LM's hidden states after decoder layers 0..k-1
+    deepstack_visual_indexes: List[int] = field(default_factory=lambda: [8, 16, 24])
+
+
+@dataclass
 class ModelConfig:
     """Sizes of the Thinker's MoE language model (Qwen3-MoE architecture)."""
 
@@ -38,6 +72,11 @@ class ModelConfig:
     load_balancing: str = "aux_loss"
     aux_loss_coeff: float = 1e-3
     expert_bias_update_rate: float = 1e-3
+    # Audio and vision towers in front of the LM (stage multimodal_pretrain). Replicated on every rank:
+    # tp = pp = cp = 1 only.
+    towers: bool = False
+    audio_tower: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    vision_tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
 
 
 @dataclass

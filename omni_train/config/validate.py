@@ -80,6 +80,32 @@ def _check_shards(cfg: DictConfig) -> None:
              f"{data.tokenizer!r} is not a tokenizer directory")
 
 
+def _check_towers(cfg: DictConfig) -> None:
+    """The towers are replicated on every rank and merged on the full sequence: no model parallelism."""
+    if not cfg.model.towers:
+        return
+    par = cfg.parallel
+    for name in ("tp", "pp", "cp"):
+        _require(par[name] == 1, f"parallel.{name}",
+                 f"model.towers=true needs {name}=1 (towers are replicated, not sharded), got {par[name]}")
+    _require(not par.sequence_parallel, "parallel.sequence_parallel",
+             "model.towers=true does not support sequence parallelism")
+    audio, vision = cfg.model.audio_tower, cfg.model.vision_tower
+    _require(audio.n_window == 50, "model.audio_tower.n_window",
+             f"must be 50 (the data's audio placeholder count assumes it), got {audio.n_window}")
+    _require(audio.num_mel_bins == 128, "model.audio_tower.num_mel_bins",
+             f"must be 128 (the data's log-mel bins), got {audio.num_mel_bins}")
+    for key, want in (("patch_size", 16), ("spatial_merge_size", 2), ("temporal_patch_size", 2)):
+        _require(vision[key] == want, f"model.vision_tower.{key}",
+                 f"must be {want} (the data's patching), got {vision[key]}")
+    levels = len(vision.deepstack_visual_indexes)
+    _require(levels <= cfg.model.num_layers, "model.vision_tower.deepstack_visual_indexes",
+             f"{levels} DeepStack levels but model.num_layers={cfg.model.num_layers}")
+    _require(all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes),
+             "model.vision_tower.deepstack_visual_indexes",
+             f"{list(vision.deepstack_visual_indexes)} must index blocks 0..depth-1 (depth={vision.depth})")
+
+
 def _check_layout(cfg: DictConfig, world_size: int) -> None:
     par, model, trainer = cfg.parallel, cfg.model, cfg.trainer
     model_parallel = par.tp * par.pp * par.cp
@@ -129,6 +155,7 @@ def validate_config(cfg: DictConfig, world_size: int, cuda_available: bool) -> N
         raise as_config_error(exc) from exc
     _check_values(cfg)
     _check_shards(cfg)
+    _check_towers(cfg)
     _check_layout(cfg, world_size)
     trainer = cfg.trainer
     if cfg.dry_run:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
 
 import torch
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
     Qwen3OmniMoeAudioEncoderConfig,
     Qwen3OmniMoeThinkerConfig,
@@ -164,8 +165,13 @@ class OmniThinker(torch.nn.Module):
             if head not in parts:
                 raise KeyError(f"unexpected key {key!r} in an OmniThinker state dict")
             parts[head][rest] = value
+        missing, unexpected = [], []
         for name, part in parts.items():
-            getattr(self, name).load_state_dict(part, strict=strict)
+            result = getattr(self, name).load_state_dict(part, strict=strict)
+            if result is not None:
+                missing += [f"{name}.{k}" for k in result.missing_keys]
+                unexpected += [f"{name}.{k}" for k in result.unexpected_keys]
+        return _IncompatibleKeys(missing, unexpected)
 
     # ----- towers -----------------------------------------------------------------------------------
 

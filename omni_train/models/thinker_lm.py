@@ -25,6 +25,8 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models.attention import SDPAttention
 from omni_train.models.rotary import InterleavedMRotaryEmbedding
@@ -174,6 +176,9 @@ def build_thinker_lm(
 ) -> GPTModel:
     """The Thinker MoE LM as a megatron GPTModel with TM-RoPE, on ``device``."""
     device = torch.device(device)
+    # megatron keeps one process-wide tracker of per-layer aux losses, sized by the first model that
+    # logged into it; a second model with more layers in the same process would index past its end.
+    get_moe_layer_wise_logging_tracker().clear()
     config = build_transformer_config(
         model_cfg,
         parallel_cfg,

@@ -11,7 +11,10 @@ import torch
 
 from omni_train.config import StageConfig
 
-STAGES = {"text_pretrain": "omni_train.stages.text_pretrain"}
+STAGES = {
+    "text_pretrain": "omni_train.stages.text_pretrain",
+    "multimodal_pretrain": "omni_train.stages.multimodal_pretrain",
+}
 
 
 @dataclass

@@ -327,11 +327,13 @@ def _export_carried_elsewhere(ckpt: Path, metadata: dict, writer: ShardedWriter,
     """A checkpoint written by training holds the LM only; its non-LM tensors (towers, talker, code2wav)
     are still those of the imported checkpoint its marker names in ``carried_from``."""
     source = json.loads((ckpt / MARKER).read_text()).get("carried_from")
-    if not source or Path(source).resolve() == ckpt.resolve() or any(k.startswith(CARRIED) for k in metadata):
+    if not source or Path(source).resolve() == ckpt.resolve():
         return
     if not (Path(source) / MARKER).exists():
         raise FileNotFoundError(f"{ckpt / MARKER}: field 'carried_from' names {source}, which is not a checkpoint")
-    carried = {k: m for k, m in dist_checkpointing.load_tensors_metadata(source).items() if k.startswith(CARRIED)}
+    # What training wrote itself (e.g. trained towers) wins; the rest comes from the import.
+    carried = {k: m for k, m in dist_checkpointing.load_tensors_metadata(source).items()
+               if k.startswith(CARRIED) and k not in metadata}
     _export_carried(Path(source), carried, set(), writer, budget)
 
 

@@ -93,6 +93,10 @@ def _zero_from(module: torch.nn.Module) -> Optional[torch.Tensor]:
     return 0.0 * sum(p.sum() for p in params)
 
 
+# Where omni-convert keeps the thinker's non-LM tensors, by Hugging Face name.
+CARRIED_PREFIX = "carried.thinker."
+
+
 class OmniThinker(torch.nn.Module):
     """Audio and vision towers feeding the megatron Thinker LM. Forward returns what GPTModel returns:
     per-token loss [B, S] with labels, logits [B, S, V] without."""
@@ -145,16 +149,20 @@ class OmniThinker(torch.nn.Module):
     TOWERS = ("audio_tower", "visual")
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        """The LM's sharded state under ``language_model.``; the towers' tensors as replicated
-        ShardedTensors (one copy per data-parallel rank, written by rank 0), under their module names.
-        The tensors are the parameters themselves, so optimizer state maps onto them."""
-        state = self.language_model.sharded_state_dict(
-            prefix=f"{prefix}language_model.", sharded_offsets=sharded_offsets, metadata=metadata)
+        """The LM under ``language_model.``, the towers under their module names (the keys load_state_dict
+        takes). On disk the LM keeps the keys of an LM-only checkpoint and the towers are stored under
+        their Hugging Face names as ``carried.thinker.<tower>.*``: the keys `omni-convert import` writes
+        them under, so this model loads an imported checkpoint and exports like one. Tower tensors are
+        replicated ShardedTensors (one copy per data-parallel rank, rank 0 writes) and are the
+        parameters themselves, so optimizer state maps onto them."""
+        lm = self.language_model.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets,
+                                                    metadata=metadata)
+        state = {f"language_model.{key}": value for key, value in lm.items()}
         replica = _data_parallel_rank()
         for tower in self.TOWERS:
             for name, tensor in getattr(self, tower).state_dict(keep_vars=True).items():
-                key = f"{prefix}{tower}.{name}"
-                state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=replica)
+                key = f"{prefix}{CARRIED_PREFIX}{tower}.{name}"
+                state[f"{tower}.{name}"] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=replica)
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True):

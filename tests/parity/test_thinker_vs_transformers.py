@@ -30,7 +30,15 @@ PATCH_DIM = 3 * 2 * PATCH * PATCH  # channels * temporal patch * patch * patch
 MAX_ABS_DIFF = 1e-4
 
 
-def tiny_hf_thinker_config(m: ModelConfig) -> Qwen3OmniMoeThinkerConfig:
+# A second toy shape: GQA 8/2 with head dim 8, 6 experts top-3, DeepStack into layer 0 only.
+LM_B = ModelConfig(
+    flavor="tiny_b", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=8,
+    num_query_groups=2, head_dim=8, num_experts=6, router_topk=3, moe_ffn_hidden_size=16,
+    mrope_section=[2, 1, 1], rope_theta=1000000.0, rms_norm_eps=1e-6,
+)
+
+
+def tiny_hf_thinker_config(m: ModelConfig, deepstack=(0, 1)) -> Qwen3OmniMoeThinkerConfig:
     text = dict(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
@@ -48,7 +56,7 @@ def tiny_hf_thinker_config(m: ModelConfig) -> Qwen3OmniMoeThinkerConfig:
                           downsample_hidden_size=8),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=PATCH,
                            num_position_embeddings=16, out_hidden_size=m.hidden_size,
-                           deepstack_visual_indexes=[0, 1]),
+                           deepstack_visual_indexes=list(deepstack)),
         audio_token_id=AUDIO, image_token_id=IMAGE, video_token_id=VIDEO,
         vision_start_token_id=VISION_START, audio_start_token_id=AUDIO_START,
     )
@@ -56,8 +64,12 @@ def tiny_hf_thinker_config(m: ModelConfig) -> Qwen3OmniMoeThinkerConfig:
 
 @pytest.fixture(scope="module")
 def hf_thinker():
+    return random_hf_thinker(tiny_hf_thinker_config(LM))
+
+
+def random_hf_thinker(config):
     torch.manual_seed(0)
-    model = Qwen3OmniMoeThinkerForConditionalGeneration(tiny_hf_thinker_config(LM))
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(config)
     model.config.text_config._attn_implementation = "eager"
     with torch.no_grad():
         for name, p in model.named_parameters():  # non-trivial norms and router, not the HF init
@@ -73,10 +85,10 @@ def hf_on_disk_state(hf_thinker, tmp_path_factory):
     return {f"thinker.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
 
 
-def build_ours(hf_thinker, hf_state):
-    model = build_omni_thinker(hf_thinker.config, LM, ParallelConfig(), device="cpu",
+def build_ours(hf_thinker, hf_state, lm=LM):
+    model = build_omni_thinker(hf_thinker.config, lm, ParallelConfig(), device="cpu",
                                params_dtype=torch.float32)
-    missing, unexpected = model.language_model.load_state_dict(hf_to_megatron(hf_state, LM), strict=False)
+    missing, unexpected = model.language_model.load_state_dict(hf_to_megatron(hf_state, lm), strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
     for tower in ("audio_tower", "visual"):
         prefix = f"thinker.{tower}."
@@ -219,6 +231,22 @@ def test_logits_match_transformers(megatron_world1, hf_thinker, hf_on_disk_state
     print(f"\n[thinker parity] {case}: max |logits diff| = {diff:.3e} over {tuple(ref.shape)}")
     assert got.shape == ref.shape
     assert diff <= MAX_ABS_DIFF
+
+
+@pytest.mark.parametrize("case", ["text", "image_and_video", "video_with_audio"])
+def test_logits_match_transformers_second_shape(megatron_world1, tmp_path, case):
+    hf_thinker = random_hf_thinker(tiny_hf_thinker_config(LM_B, deepstack=(0,)))
+    hf_thinker.save_pretrained(tmp_path)
+    state = {f"thinker.{k}": v for k, v in load_file(str(tmp_path / "model.safetensors")).items()}
+    ours = build_ours(hf_thinker, state, lm=LM_B)
+    rows, kwargs, rope_kwargs = case_inputs(case)
+    input_ids = torch.tensor(rows)
+    ones = torch.ones_like(input_ids)
+    positions, _ = hf_thinker.model.get_rope_index(input_ids, attention_mask=ones, **rope_kwargs)
+    with torch.no_grad():
+        ref = hf_thinker(input_ids=input_ids, attention_mask=ones, position_ids=positions, **kwargs).logits
+        got = ours(input_ids, positions, None, **kwargs)
+    assert (got - ref).abs().max().item() <= MAX_ABS_DIFF
 
 
 def test_deepstack_changes_the_logits(megatron_world1, hf_thinker, hf_on_disk_state):

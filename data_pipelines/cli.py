@@ -11,7 +11,6 @@
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from data_pipelines.build import BuildOptions, format_error
 

@@ -7,7 +7,7 @@ Every field is a primitive (str, int, float, bool, list, Optional). Torch object
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from omegaconf import MISSING
 

@@ -1,6 +1,5 @@
 """The real CLI on the tiny recipe: learning, resume, stage hand-off and artifacts."""
 
-from pathlib import Path
 
 from cli import metrics, omni_train
 

@@ -16,7 +16,7 @@ from omni_train.config.schema import ParallelConfig
 from omni_train.export.hf_io import HFReader
 from omni_train.models.thinker_lm import build_thinker_lm
 from omni_train.models.thinker_lm_bridge import model_config_from_hf
-from tests.parity.test_convert import tiny_omni_config
+from tests.parity.test_convert import tiny_omni_model
 
 # conf/model overrides giving the tiny HF thinker's text sizes (tests/parity/test_convert.py)
 MODEL = ["model.vocab_size=128", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
@@ -32,8 +32,7 @@ def convert(*args):
 
 @pytest.fixture
 def hf_dir(tmp_path):
-    torch.manual_seed(0)
-    model = Qwen3OmniMoeForConditionalGeneration(tiny_omni_config())
+    model = tiny_omni_model()
     path = tmp_path / "hf"
     model.save_pretrained(path)
     return path

@@ -64,13 +64,20 @@ def tiny_omni_config() -> Qwen3OmniMoeConfig:
                               user_token_id=116, assistant_token_id=117)
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    torch.manual_seed(0)
+def tiny_omni_model(seed: int = 0) -> Qwen3OmniMoeForConditionalGeneration:
+    """The tiny HF model with every parameter drawn from the seed. Transformers leaves some tensors (the
+    talker's fused experts) as torch.empty, whose garbage may hold NaN and break bit-equality checks."""
+    torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(tiny_omni_config())
     with torch.no_grad():  # non-trivial norms and router, not the HF init
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    model = tiny_omni_model()
     path = tmp_path_factory.mktemp("hf")
     model.save_pretrained(path, max_shard_size="200KB")  # several shards: the reader follows the index
     return path

@@ -120,6 +120,9 @@ class TrainerConfig:
     seed: int = 1234
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    # Activation recomputation: "none" | "full" (every LM decoder layer's activations recomputed in the
+    # backward pass, megatron-core's full/uniform recompute; the towers use gradient checkpointing).
+    recompute: str = "none"
 
 
 @dataclass
@@ -165,12 +168,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """A span of a stage's steps with its own trainable set (e.g. S1: the adapter first, then the encoder
+    with it). The optimizer is rebuilt at each phase start, so frozen parameters hold no optimizer state."""
+
+    name: str = MISSING
+    steps: int = MISSING
+    trainable: List[str] = field(default_factory=lambda: [".*"])
+    frozen: List[str] = field(default_factory=list)
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     # Regular expressions over parameter names; a parameter trains when it matches `trainable` and not
     # `frozen`.
     trainable: List[str] = field(default_factory=lambda: [".*"])
     frozen: List[str] = field(default_factory=list)
+    # Consecutive phases, each with its own trainable/frozen patterns (replacing the two above); their
+    # steps must add up to trainer.max_steps. Empty: one phase, the whole run.
+    phases: List[PhaseConfig] = field(default_factory=list)
 
 
 @dataclass

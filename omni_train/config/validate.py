@@ -16,6 +16,7 @@ CHOICES = {
     "optim.lr_decay": ("cosine", "linear", "constant"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.recompute": ("none", "full"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("offline", "online", "disabled"),
     "model.load_balancing": ("aux_loss", "expert_bias"),
@@ -60,9 +61,22 @@ def _check_values(cfg: DictConfig) -> None:
     stop = cfg.trainer.stop_at_step
     _require(stop is None or 1 <= stop <= cfg.trainer.max_steps, "trainer.stop_at_step",
              f"{stop} is outside 1..trainer.max_steps={cfg.trainer.max_steps}")
+    _check_phases(cfg)
     init_from = cfg.init_from
     _require(init_from is None or not init_from.startswith("stage:") or len(init_from) > 6,
              "init_from", "expected stage:<name> or a checkpoint path")
+
+
+def _check_phases(cfg: DictConfig) -> None:
+    phases = cfg.stage.phases
+    if not phases:
+        return
+    for i, phase in enumerate(phases):
+        _require(phase.steps > 0, f"stage.phases[{i}].steps", f"must be > 0, got {phase.steps}")
+    total = sum(p.steps for p in phases)
+    _require(total == cfg.trainer.max_steps, "stage.phases",
+             f"phase steps {[p.steps for p in phases]} add up to {total}, not trainer.max_steps="
+             f"{cfg.trainer.max_steps}")
 
 
 def _check_shards(cfg: DictConfig) -> None:

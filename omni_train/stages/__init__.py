@@ -14,6 +14,10 @@ from omni_train.config import StageConfig
 STAGES = {
     "text_pretrain": "omni_train.stages.text_pretrain",
     "multimodal_pretrain": "omni_train.stages.multimodal_pretrain",
+    "audio_align": "omni_train.stages.audio_align",
+    "vision_align": "omni_train.stages.vision_align",
+    "general_pretrain": "omni_train.stages.general_pretrain",
+    "long_context": "omni_train.stages.long_context",
 }
 
 

@@ -60,6 +60,15 @@ def make_parser():
     p.add_argument("--tokenizer", metavar="TOK_DIR",
                    help="also write a small BPE tokenizer with Qwen's special tokens, trained on the texts")
     _add_build_options(p, 4)
+
+    p = commands.add_parser("synth-suite", help="one synthetic dataset per pretraining data kind + a tokenizer")
+    p.add_argument("root")
+    p.add_argument("kinds", nargs="*", metavar="KIND[=N]",
+                   help="text, audio_text, image_text, video_text, video_audio, long_audio, long_video "
+                        "(default: all), each with N samples")
+    p.add_argument("--samples", type=int, default=16, help="samples per kind without =N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
     return parser
 
 
@@ -130,10 +139,20 @@ def run_synth(args):
     return 1 if result.errors else 0
 
 
+def run_synth_suite(args):
+    from data_pipelines.pretrain_synth import parse_samples, synth_suite
+
+    built = synth_suite(args.root, parse_samples(args.kinds, args.samples), args.seed, args.workers)
+    print(f"synth-suite: {', '.join(f'{k} {n}' for k, n in built.items())} samples -> {args.root} "
+          f"(tokenizer: {args.root}/tokenizer)", file=sys.stderr)
+    return 0
+
+
 def main(argv=None):
     args = make_parser().parse_args(argv)
     try:
-        return {"build": run_build, "validate": run_validate, "stats": run_stats, "synth": run_synth}[
+        return {"build": run_build, "validate": run_validate, "stats": run_stats, "synth": run_synth,
+                "synth-suite": run_synth_suite}[
             args.command](args)
     except (OSError, ValueError) as exc:
         print(f"omni-data {args.command}: error: {exc}", file=sys.stderr)

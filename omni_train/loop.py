@@ -6,9 +6,10 @@ loop itself never asks which stage it runs.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,38 +22,49 @@ from omegaconf import OmegaConf
 from omni_train.checkpoint.manager import (
     CheckpointManager,
     TrainState,
+    checkpoint_step,
     latest_checkpoint,
     load_model_weights,
     read_provenance,
     resolve_init_from,
 )
 from omni_train.config import TrainConfig
+from omni_train.data.packing import MODALITIES
 from omni_train.metrics import MetricsLogger, Throughput, peak_memory_gib
 from omni_train.models.moe_load import ExpertLoadTracker
 from omni_train.parallel.context_parallel import split_for_context_parallel
 from omni_train.parallel.setup import ParallelEnv
 from omni_train.parallel.wrap import build_optimizer, build_scheduler, wrap_data_parallel
-from omni_train.stages import Stage, apply_trainable, load_stage
+from omni_train.stages import Phase, Stage, apply_trainable, load_stage, phase_at, phase_plan
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _global_loss(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
-    """Mean loss per token over the global batch, as every rank sees it.
+def _global_losses(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> Dict[str, float]:
+    """Mean loss per token over the global batch, as every rank sees it: ``loss``, and ``loss_<modality>``
+    for each modality (data.packing.MODALITIES) with target tokens in this batch, when the stage reports
+    them.
 
     Loss lives on the last pipeline stage; tensor-parallel ranks hold copies, so only tp rank 0 of the
-    last stage contributes its (loss sum, token count) to a world-wide sum.
+    last stage contributes its (loss sum, token count) pairs to a world-wide sum.
     """
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(1 + len(MODALITIES), 2, dtype=torch.float64, device=device)
     contributes = parallel_state.is_pipeline_last_stage() and (
         parallel_state.get_tensor_model_parallel_rank() == 0)
     if contributes:
         for report in reports:
-            total += report["lm_loss"].to(device, torch.float64)
+            total[0] += report["lm_loss"].to(device, torch.float64)
+            if "modality_loss" in report:
+                total[1:] += report["modality_loss"].to(device, torch.float64)
     dist.all_reduce(total)
-    return (total[0] / total[1].clamp_min(1)).item()
+    total = total.tolist()
+    losses = {"loss": total[0][0] / max(total[0][1], 1.0)}
+    for name, (loss_sum, count) in zip(MODALITIES, total[1:]):
+        if count > 0:
+            losses[f"loss_{name}"] = loss_sum / count
+    return losses
 
 
 class Trainer:
@@ -62,30 +74,38 @@ class Trainer:
         self.stage: Stage = load_stage(cfg.stage)
         precision = cfg.trainer.precision
         self.bf16 = precision == "bf16" or (precision == "auto" and env.on_gpu)
-        self.model = self._build_model()
-        self.optimizer = build_optimizer(cfg.optim, self.model, cfg.parallel, self.bf16, env.on_gpu)
-        self.scheduler = build_scheduler(cfg.optim, cfg.trainer, self.optimizer)
-        self._connect_schedule()
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.plan = phase_plan(cfg.stage, cfg.trainer.max_steps)
+        latest = latest_checkpoint(self.checkpoints.root)
+        self._setup(phase_at(self.plan, checkpoint_step(latest) if latest else 0))
         self.data = self.stage.build_data(cfg, env)
-        self.state = self._restore()
+        self.state = self._restore(latest)
         self.logger = MetricsLogger(cfg.logger, self.run_dir, resolved) if env.is_main else None
-        self.load_tracker = ExpertLoadTracker(self.model)
         self.throughput = Throughput(cfg.model, cfg.trainer.seq_length, env.world_size)
 
-    def _build_model(self):
+    def _setup(self, phase: Phase) -> None:
+        """Model, optimizer and LR schedule for one phase: only its trainable parameters get gradient
+        buffers and optimizer state. A new phase starts from a fresh build loaded from the checkpoint
+        saved at the boundary, exactly as a resumed run does."""
         cfg, env = self.cfg, self.env
+        self.model = self.optimizer = self.scheduler = None
+        gc.collect()
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         model = self.stage.build_model(
             cfg, env, dtype,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
         )
-        counts = apply_trainable(model, cfg.stage)
-        if env.is_main:
-            print(f"stage {cfg.stage.name}: {counts['trainable']:,} trainable, "
-                  f"{counts['frozen']:,} frozen parameters on rank 0", flush=True)
-        return wrap_data_parallel(model, cfg.parallel, env.on_gpu)
+        counts = apply_trainable(model, phase.trainable, phase.frozen)
+        label = cfg.stage.name if len(self.plan) == 1 else f"{cfg.stage.name}, phase {phase.name!r}"
+        self._say(f"stage {label}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters "
+                  f"on rank 0")
+        self.phase = phase
+        self.model = wrap_data_parallel(model, cfg.parallel, env.on_gpu)
+        self.optimizer = build_optimizer(cfg.optim, self.model, cfg.parallel, self.bf16, env.on_gpu)
+        self.scheduler = build_scheduler(cfg.optim, cfg.trainer, self.optimizer)
+        self._connect_schedule()
+        self.load_tracker = ExpertLoadTracker(self.model)
 
     def _connect_schedule(self) -> None:
         """What megatron's forward/backward schedule calls back into (as Megatron-LM's trainer does)."""
@@ -95,10 +115,14 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
 
-    def _restore(self) -> TrainState:
-        latest = latest_checkpoint(self.checkpoints.root)
+    def _restore(self, latest: Optional[Path]) -> TrainState:
         if latest is not None:
-            state = self.checkpoints.load(latest, self.model, self.optimizer, self.scheduler, self.data)
+            step = checkpoint_step(latest)
+            # A checkpoint holds the optimizer state of the phase that trained its last step; at a phase
+            # boundary that is the previous phase's, which the new trainable set does not take.
+            same_phase = step == 0 or phase_at(self.plan, step - 1) is self.phase
+            state = self.checkpoints.load(latest, self.model, self.optimizer if same_phase else None,
+                                          self.scheduler, self.data)
             self._say(f"resumed from {latest} at step {state.step}")
             return state
         if self.cfg.init_from:
@@ -107,6 +131,14 @@ class Trainer:
             self.checkpoints.provenance = read_provenance(source)
             self._say(f"initialised model weights from {source}")
         return TrainState()
+
+    def _next_phase(self) -> None:
+        """Save, then rebuild for the phase that trains the next step and load that checkpoint."""
+        latest = latest_checkpoint(self.checkpoints.root)
+        if latest is None or checkpoint_step(latest) != self.state.step:
+            self.save()
+        self._setup(phase_at(self.plan, self.state.step))
+        self.state = self._restore(latest_checkpoint(self.checkpoints.root))
 
     def _say(self, text: str) -> None:
         if self.env.is_main:
@@ -138,7 +170,7 @@ class Trainer:
         self.state.consumed_samples += trainer.global_batch_size
         self.throughput.add(trainer.global_batch_size * trainer.seq_length)
         return {
-            "loss": _global_loss(reports, self.env.device),
+            **_global_losses(reports, self.env.device),
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         }
@@ -172,6 +204,9 @@ class Trainer:
                 self._log(values)
             if step % ckpt.save_every == 0:
                 self.save()
+                saved_at = step
+            if step == self.phase.end and step < last:
+                self._next_phase()
                 saved_at = step
         finished = self.state.step >= trainer.max_steps
         if saved_at != self.state.step and (not finished or ckpt.save_at_end):

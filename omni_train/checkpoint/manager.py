@@ -98,6 +98,11 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The number of optimizer steps a complete checkpoint was saved after."""
+    return int(json.loads((Path(path) / MARKER).read_text())["step"])
+
+
 # Files of the Hugging Face checkpoint a run started from, kept next to every checkpoint it writes.
 HF_CONFIG_FILES = ("config.json", "generation_config.json")
 

@@ -35,6 +35,14 @@ import numpy as np
 import torch
 
 POLICIES = ("split", "drop")
+# What a document's target tokens count towards in the per-modality losses: its richest input medium.
+MODALITIES = ("text", "audio", "image", "video")
+
+
+def document_modality(kinds: Iterable[str]) -> int:
+    """Index into MODALITIES: video if the document has a video, else image, else audio, else text."""
+    kinds = set(kinds)
+    return next((MODALITIES.index(k) for k in ("video", "image", "audio") if k in kinds), 0)
 
 
 @dataclass
@@ -45,13 +53,15 @@ class Document:
     media_spans: List[Tuple[int, int]] = field(default_factory=list)
     media: List[Any] = field(default_factory=list)  # one item per span
     key: Optional[str] = None
+    modality: int = 0  # index into MODALITIES
 
     @classmethod
     def from_encoded(cls, sample) -> "Document":
         """From ``chat.EncodedSample``."""
         pos = None if sample.position_ids is None else np.asarray(sample.position_ids)
         return cls(np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.loss_mask, dtype=bool),
-                   pos, [tuple(m.span) for m in sample.media], list(sample.media), sample.key)
+                   pos, [tuple(m.span) for m in sample.media], list(sample.media), sample.key,
+                   document_modality(m.kind for m in sample.media))
 
 
 @dataclass
@@ -62,6 +72,7 @@ class PackedSequence:
     position_ids: torch.Tensor
     document_ids: torch.Tensor
     cu_seqlens: torch.Tensor
+    modality_ids: torch.Tensor  # [L] the document's MODALITIES index per token, -1 on padding
     media: List[Any]
     media_spans: List[Tuple[int, int]]
     keys: List[Optional[str]]
@@ -83,7 +94,7 @@ def _piece(doc: Document, start: int, end: int, pad_id: int) -> Dict[str, Any]:
     return {"input_ids": ids[start:end].copy(), "labels": labels, "loss_mask": label_mask,
             "position_ids": np.array(pos), "media": [doc.media[i] for i in inside],
             "media_spans": [(doc.media_spans[i][0] - start, doc.media_spans[i][1] - start) for i in inside],
-            "key": doc.key}
+            "key": doc.key, "modality": doc.modality}
 
 
 def split_points(length: int, max_length: int, spans: Sequence[Tuple[int, int]]) -> Optional[List[int]]:
@@ -200,6 +211,8 @@ class SequencePacker:
             np.zeros(0, np.int64)
         if pad:
             doc_ids[used:] = -1
+        modality = np.concatenate([np.full(len(p["input_ids"]), p.get("modality", 0), np.int64) for p in pieces]
+                                  + [np.full(pad, -1, np.int64)])
         offsets = np.cumsum([0] + [len(p["input_ids"]) for p in pieces])
         spans = [(int(s + off), int(e + off)) for p, off in zip(pieces, offsets) for s, e in p["media_spans"]]
         self.stats["sequences"] += 1
@@ -208,6 +221,7 @@ class SequencePacker:
             input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels), loss_mask=torch.from_numpy(mask),
             position_ids=torch.from_numpy(np.ascontiguousarray(pos)), document_ids=torch.from_numpy(doc_ids),
             cu_seqlens=torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32),
+            modality_ids=torch.from_numpy(modality),
             media=[m for p in pieces for m in p["media"]], media_spans=spans,
             keys=[p["key"] for p in pieces], num_pad=int(pad))
 
@@ -238,6 +252,7 @@ def collate_packed(seqs: Sequence[PackedSequence]) -> Dict[str, Any]:
         "loss_mask": torch.stack([s.loss_mask for s in seqs]),
         "position_ids": torch.stack([s.position_ids for s in seqs], dim=1),
         "document_ids": torch.stack([s.document_ids for s in seqs]),
+        "modality_ids": torch.stack([s.modality_ids for s in seqs]),
         "cu_seqlens": torch.cat(cu).to(torch.int32),
         "media": [m for s in seqs for m in s.media],
     }

@@ -51,7 +51,7 @@ class ShardSource:
             # document_ids, not the [B, 1, L, L] mask: the mask is built on the device (the stage's
             # forward), which costs the loader nothing and moves L/8 times fewer bytes.
             batches.append({k: batch[k] for k in ("input_ids", "labels", "loss_mask", "position_ids",
-                                                   "document_ids", "media")})
+                                                   "document_ids", "modality_ids", "media")})
         return batches
 
     def state_dict(self) -> Dict[str, Any]:

@@ -300,22 +300,28 @@ def build_omni_thinker(
     device: Union[torch.device, str],
     params_dtype: torch.dtype,
     attn_implementation: str = "sdpa",
+    recompute: str = "none",
 ) -> OmniThinker:
     """Towers from the HF thinker config (a Qwen3OmniMoeThinkerConfig or its dict: ``audio_config``,
     ``vision_config`` and the placeholder token ids), the LM from ``model_cfg`` (its text_config is not
-    read). Tower attention uses transformers' ``attn_implementation``."""
+    read). Tower attention uses transformers' ``attn_implementation``. ``recompute="full"`` recomputes
+    the LM's decoder layers and the towers' blocks (transformers' gradient checkpointing) in backward."""
     _check_layout(parallel_cfg)
     hf = _thinker_config(hf_thinker_config)
     audio_cfg: Qwen3OmniMoeAudioEncoderConfig = hf.audio_config
     vision_cfg: Qwen3OmniMoeVisionEncoderConfig = hf.vision_config
     _check_widths(model_cfg, audio_cfg, vision_cfg)
     device = torch.device(device)
+    towers = [_build_tower(Qwen3OmniMoeAudioEncoder, audio_cfg, device, params_dtype, attn_implementation),
+              _build_tower(Qwen3OmniMoeVisionEncoder, vision_cfg, device, params_dtype, attn_implementation)]
+    if recompute == "full":
+        for tower in towers:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return OmniThinker(
-        audio_tower=_build_tower(Qwen3OmniMoeAudioEncoder, audio_cfg, device, params_dtype,
-                                 attn_implementation),
-        visual=_build_tower(Qwen3OmniMoeVisionEncoder, vision_cfg, device, params_dtype,
-                            attn_implementation),
-        language_model=build_thinker_lm(model_cfg, parallel_cfg, device=device, params_dtype=params_dtype),
+        audio_tower=towers[0],
+        visual=towers[1],
+        language_model=build_thinker_lm(model_cfg, parallel_cfg, device=device, params_dtype=params_dtype,
+                                        recompute=recompute),
         placeholder_ids=PlaceholderIds(
             audio=hf.audio_token_id, image=hf.image_token_id, video=hf.video_token_id
         ),

@@ -94,10 +94,18 @@ def build_transformer_config(
     *,
     params_dtype: torch.dtype,
     use_cpu_initialization: bool,
+    recompute: str = "none",
 ) -> TransformerConfig:
-    """Map the Thinker LM sizes and the parallel layout onto megatron's TransformerConfig."""
+    """Map the Thinker LM sizes and the parallel layout onto megatron's TransformerConfig.
+
+    ``recompute="full"``: every decoder layer keeps only its input and recomputes its activations in
+    the backward pass (megatron's full granularity, uniform method, one layer per checkpoint)."""
     if parallel_cfg.token_dispatcher not in ("alltoall", "allgather"):
         raise ValueError(f"unknown token_dispatcher {parallel_cfg.token_dispatcher!r}")
+    if recompute not in ("none", "full"):
+        raise ValueError(f"trainer.recompute: unknown mode {recompute!r}")
+    recompute_args = dict(recompute_granularity="full", recompute_method="uniform",
+                          recompute_num_layers=1) if recompute == "full" else {}
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -133,6 +141,7 @@ def build_transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=True,
+        **recompute_args,
         **_fusions_off(),
     )
 
@@ -173,6 +182,7 @@ def build_thinker_lm(
     params_dtype: torch.dtype,
     pre_process: bool = True,
     post_process: bool = True,
+    recompute: str = "none",
 ) -> GPTModel:
     """The Thinker MoE LM as a megatron GPTModel with TM-RoPE, on ``device``."""
     device = torch.device(device)
@@ -184,6 +194,7 @@ def build_thinker_lm(
         parallel_cfg,
         params_dtype=params_dtype,
         use_cpu_initialization=device.type != "cuda",
+        recompute=recompute,
     )
     # On "meta" build inside the device context so that nothing is allocated (dry runs).
     on_meta = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()

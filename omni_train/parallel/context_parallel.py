@@ -23,7 +23,7 @@ from typing import Dict, Tuple
 import torch
 
 # Keys of a micro-batch holding one value per token, sequence in the last dim.
-PER_TOKEN_KEYS = ("input_ids", "labels", "loss_mask")
+PER_TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "modality_ids")
 FULL_SEQUENCE_KEYS = ("position_ids",)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -38,12 +38,43 @@ def load_stage(cfg: StageConfig) -> Stage:
     return importlib.import_module(STAGES[cfg.name]).STAGE
 
 
-def apply_trainable(model: torch.nn.Module, cfg: StageConfig) -> Dict[str, int]:
-    """Freeze every parameter not matched by cfg.trainable, or matched by cfg.frozen."""
+@dataclass(frozen=True)
+class Phase:
+    """Steps [start, end) of a stage, trained with one trainable set."""
+
+    index: int
+    name: str
+    start: int
+    end: int
+    trainable: Tuple[str, ...]
+    frozen: Tuple[str, ...]
+
+
+def phase_plan(cfg: StageConfig, max_steps: int) -> List[Phase]:
+    """The stage's phases in order (one phase, the whole run, when the stage declares none)."""
+    if not cfg.phases:
+        return [Phase(0, cfg.name, 0, max_steps, tuple(cfg.trainable), tuple(cfg.frozen))]
+    plan, start = [], 0
+    for i, phase in enumerate(cfg.phases):
+        plan.append(Phase(i, phase.name, start, start + phase.steps, tuple(phase.trainable),
+                          tuple(phase.frozen)))
+        start += phase.steps
+    return plan
+
+
+def phase_at(plan: List[Phase], step: int) -> Phase:
+    """The phase that trains the step after `step` completed steps (the last phase once all are done)."""
+    return next((p for p in plan if step < p.end), plan[-1])
+
+
+def apply_trainable(model: torch.nn.Module, trainable: Sequence[str], frozen: Sequence[str]) -> Dict[str, int]:
+    """Freeze every parameter not matched by `trainable`, or matched by `frozen` (regexes)."""
     counts = {"trainable": 0, "frozen": 0}
     for name, param in model.named_parameters():
-        train = any(re.search(p, name) for p in cfg.trainable) and not any(
-            re.search(p, name) for p in cfg.frozen)
+        train = any(re.search(p, name) for p in trainable) and not any(re.search(p, name) for p in frozen)
         param.requires_grad_(train)
         counts["trainable" if train else "frozen"] += param.numel()
+    if counts["trainable"] == 0:
+        raise ValueError(f"stage.trainable: patterns {list(trainable)} (frozen {list(frozen)}) match no "
+                         f"parameter; names look like {next(iter(dict(model.named_parameters())))!r}")
     return counts

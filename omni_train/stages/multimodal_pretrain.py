@@ -63,7 +63,7 @@ def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
     # every rank the same tower weights. The LM is then re-drawn layout-independently.
     torch.manual_seed(cfg.trainer.seed + TOWER_SEED_OFFSET)
     model = build_omni_thinker(hf_thinker_config(cfg.model, token_ids), cfg.model, cfg.parallel,
-                               device=env.device, params_dtype=params_dtype)
+                               device=env.device, params_dtype=params_dtype, recompute=cfg.trainer.recompute)
     init_layout_independent(model.language_model, cfg.model.init_std, cfg.model.num_layers, cfg.trainer.seed)
     return model
 
@@ -80,7 +80,8 @@ def forward(model, batch):
     mask = document_attention_mask(batch["document_ids"])
     per_token_loss = model(batch["input_ids"], batch["position_ids"], attention_mask=mask,
                            labels=batch["labels"], **media)
-    return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"])
+    return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"],
+                                   modality_ids=batch.get("modality_ids"))
 
 
 STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward)

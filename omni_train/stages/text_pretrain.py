@@ -14,7 +14,8 @@ from omni_train.stages import Stage
 
 def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
     model = build_thinker_lm(cfg.model, cfg.parallel, device=env.device, params_dtype=params_dtype,
-                             pre_process=pre_process, post_process=post_process)
+                             pre_process=pre_process, post_process=post_process,
+                             recompute=cfg.trainer.recompute)
     init_layout_independent(model, cfg.model.init_std, cfg.model.num_layers, cfg.trainer.seed)
     return model
 

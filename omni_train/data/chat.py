@@ -77,6 +77,11 @@ class EncodedSample:
     def media_spans(self) -> List[Tuple[int, int]]:
         return [m.span for m in self.media]
 
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length, placeholders included: what data.weight_by=tokens balances."""
+        return int(self.input_ids.shape[0])
+
 
 class _Builder:
     """Accumulates ids/mask; text is buffered so adjacent text pieces tokenize together."""

@@ -15,6 +15,7 @@ import contextlib
 from typing import Dict, List, Tuple
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -94,18 +95,10 @@ def build_transformer_config(
     *,
     params_dtype: torch.dtype,
     use_cpu_initialization: bool,
-    recompute: str = "none",
 ) -> TransformerConfig:
-    """Map the Thinker LM sizes and the parallel layout onto megatron's TransformerConfig.
-
-    ``recompute="full"``: every decoder layer keeps only its input and recomputes its activations in
-    the backward pass (megatron's full granularity, uniform method, one layer per checkpoint)."""
+    """Map the Thinker LM sizes and the parallel layout onto megatron's TransformerConfig."""
     if parallel_cfg.token_dispatcher not in ("alltoall", "allgather"):
         raise ValueError(f"unknown token_dispatcher {parallel_cfg.token_dispatcher!r}")
-    if recompute not in ("none", "full"):
-        raise ValueError(f"trainer.recompute: unknown mode {recompute!r}")
-    recompute_args = dict(recompute_granularity="full", recompute_method="uniform",
-                          recompute_num_layers=1) if recompute == "full" else {}
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -141,7 +134,6 @@ def build_transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=use_cpu_initialization,
         calculate_per_token_loss=True,
-        **recompute_args,
         **_fusions_off(),
     )
 
@@ -194,13 +186,31 @@ def build_thinker_lm(
         parallel_cfg,
         params_dtype=params_dtype,
         use_cpu_initialization=device.type != "cuda",
-        recompute=recompute,
     )
     # On "meta" build inside the device context so that nothing is allocated (dry runs).
     on_meta = torch.device("meta") if device.type == "meta" else contextlib.nullcontext()
     with on_meta:
         model = _build_gpt_model(model_cfg, config, pre_process, post_process)
+    if recompute not in ("none", "full"):
+        raise ValueError(f"trainer.recompute: unknown mode {recompute!r}")
+    if recompute == "full":
+        recompute_layers(model)
     return model.to(device)
+
+
+def recompute_layers(model: GPTModel) -> None:
+    """Full activation recomputation: each decoder layer keeps only its inputs and recomputes its
+    activations in the backward pass. torch's non-reentrant checkpoint rather than megatron's reentrant
+    one: tensors joined in by hooks after a layer (the Thinker's DeepStack features, which carry the vision
+    tower's graph) then keep their own autograd graph instead of being back-propagated inside the
+    recomputation and again afterwards."""
+    for layer in model.decoder.layers:
+        def checkpointed(*args, _forward=layer.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
 
 
 def _build_gpt_model(model_cfg: ModelConfig, config: TransformerConfig, pre_process, post_process):

@@ -35,6 +35,7 @@ from omni_train.models.moe_load import ExpertLoadTracker
 from omni_train.parallel.context_parallel import split_for_context_parallel
 from omni_train.parallel.setup import ParallelEnv
 from omni_train.parallel.wrap import build_optimizer, build_scheduler, wrap_data_parallel
+from omni_train.resilience import NonFiniteGuard, Preempted, Preemption, explain_collective_failures
 from omni_train.stages import Phase, Stage, apply_trainable, load_stage, phase_at, phase_plan
 
 
@@ -44,8 +45,8 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
 
 def _global_losses(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> Dict[str, float]:
     """Mean loss per token over the global batch, as every rank sees it: ``loss``, and ``loss_<modality>``
-    for each modality (data.packing.MODALITIES) with target tokens in this batch, when the stage reports
-    them.
+    with its ``target_tokens_<modality>`` for each modality (data.packing.MODALITIES) with target tokens
+    in this batch, when the stage reports them.
 
     Loss lives on the last pipeline stage; tensor-parallel ranks hold copies, so only tp rank 0 of the
     last stage contributes its (loss sum, token count) pairs to a world-wide sum.
@@ -64,6 +65,7 @@ def _global_losses(reports: List[Dict[str, torch.Tensor]], device: torch.device)
     for name, (loss_sum, count) in zip(MODALITIES, total[1:]):
         if count > 0:
             losses[f"loss_{name}"] = loss_sum / count
+            losses[f"target_tokens_{name}"] = count
     return losses
 
 
@@ -82,6 +84,7 @@ class Trainer:
         self.state = self._restore(latest)
         self.logger = MetricsLogger(cfg.logger, self.run_dir, resolved) if env.is_main else None
         self.throughput = Throughput(cfg.model, cfg.trainer.seq_length, env.world_size)
+        self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.max_nonfinite_skips, env.device)
 
     def _setup(self, phase: Phase) -> None:
         """Model, optimizer and LR schedule for one phase: only its trainable parameters get gradient
@@ -165,7 +168,8 @@ class Trainer:
         )
         # The LR of step s+1 (1-based) applies to this update; the schedule ends at max_steps.
         self.scheduler.step(increment=1)
-        _, grad_norm, _ = self.optimizer.step()
+        skip = self.nonfinite.check(self.state.step + 1, reports, micro, self.model, self.state)
+        _, grad_norm, _ = (False, None, None) if skip else self.optimizer.step()
         self.state.step += 1
         self.state.consumed_samples += trainer.global_batch_size
         self.throughput.add(trainer.global_batch_size * trainer.seq_length)
@@ -182,6 +186,8 @@ class Trainer:
             return
         values = dict(values, **self.throughput.report(), **self.data.stats())
         values["peak_memory_gib"] = peak_memory_gib(self.env.device)
+        if self.cfg.trainer.nonfinite == "skip":
+            values["nonfinite_skipped"] = self.state.nonfinite_skipped
         if imbalance:
             values["moe_load_imbalance_max"] = max(imbalance)
             values["moe_load_imbalance"] = imbalance
@@ -197,11 +203,15 @@ class Trainer:
         if self.state.step >= last:
             self._say(f"nothing to do: already at step {self.state.step} (target {last})")
         saved_at = self.state.step
+        preemption = Preemption(self.env.device)
         while self.state.step < last:
             values = self.train_step()
             step = self.state.step
             if step % trainer.log_every == 0 or step == last:
                 self._log(values)
+            if preemption.requested():  # collective: every rank stops after the same step
+                self._say(f"received {preemption.signal_name} during step {step}: saving a checkpoint")
+                break
             if step % ckpt.save_every == 0:
                 self.save()
                 saved_at = step
@@ -211,10 +221,15 @@ class Trainer:
         finished = self.state.step >= trainer.max_steps
         if saved_at != self.state.step and (not finished or ckpt.save_at_end):
             self.save()  # stop_at_step always saves: the job is expected to be resumed
-        if not finished:
+        if not finished and not preemption.signal_name:
             self._say(f"stopped after step {self.state.step} (trainer.stop_at_step); rerun to resume")
         if self.logger is not None:
             self.logger.finish()
+        preemption.restore()
+        if preemption.signal_name and not finished:
+            self._say(f"received {preemption.signal_name}: saved step_{self.state.step:08d}, exiting "
+                      f"(rerun to resume)")
+            raise Preempted()
 
 
 def train(cfg: TrainConfig, env: ParallelEnv) -> None:
@@ -223,6 +238,13 @@ def train(cfg: TrainConfig, env: ParallelEnv) -> None:
     if env.is_main:
         OmegaConf.save(OmegaConf.create(resolved), Path(cfg.run_dir) / "config.yaml")
     start = time.perf_counter()
-    Trainer(cfg, env, resolved).fit()
+    trainer: Optional[Trainer] = None
+
+    def where() -> str:
+        return f"after step {trainer.state.step}" if trainer else "while setting up (model, data, checkpoint)"
+
+    with explain_collective_failures(env.rank, cfg.parallel.collective_timeout_s, where):
+        trainer = Trainer(cfg, env, resolved)
+        trainer.fit()
     if env.is_main:
         print(f"done in {time.perf_counter() - start:.1f}s; run directory: {cfg.run_dir}", flush=True)

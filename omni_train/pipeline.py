@@ -106,6 +106,9 @@ def run_stage(stage: PlannedStage) -> None:
     if code != 0:
         raise RuntimeError(f"stage {stage.name} failed with exit code {code}; rerun the same command to resume "
                            f"it from {stage.run_dir / 'checkpoints'}")
+    if not stage.finished():  # trainer.stop_at_step, or a preemption that exited cleanly
+        raise RuntimeError(f"stage {stage.name} stopped before step {stage.max_steps}; rerun the same command "
+                           f"to resume it from {stage.run_dir / 'checkpoints'}")
     _say(f"stage {stage.name} finished in {time.perf_counter() - start:.1f}s")
 
 

@@ -51,7 +51,7 @@ class ShardSource:
             # document_ids, not the [B, 1, L, L] mask: the mask is built on the device (the stage's
             # forward), which costs the loader nothing and moves L/8 times fewer bytes.
             batches.append({k: batch[k] for k in ("input_ids", "labels", "loss_mask", "position_ids",
-                                                   "document_ids", "modality_ids", "media")})
+                                                   "document_ids", "modality_ids", "media", "keys")})
         return batches
 
     def state_dict(self) -> Dict[str, Any]:
@@ -65,7 +65,10 @@ class ShardSource:
 
     def stats(self) -> Dict[str, float]:
         loader, packer = self.loader.stats(), self.packer.report()
-        return {"data_skipped": float(loader.get("skipped", 0)), "data_seen": float(loader.get("seen", 0)),
+        # realised share of each dataset (in the unit of data.weight_by), named "<index>_<directory>"
+        shares = {f"data_share_{name.replace(':', '_')}": float(d["share"])
+                  for name, d in loader.get("datasets", {}).items()}
+        return {**shares, "data_skipped": float(loader.get("skipped", 0)), "data_seen": float(loader.get("seen", 0)),
                 "pad_fraction": float(packer["pad_fraction"]),
                 "data_split_documents": float(packer["split_documents"]),
                 "data_dropped_documents": float(packer["dropped_documents"])}

@@ -1,6 +1,8 @@
 """Entry point: `omni-train [overrides]` or `torchrun ... -m omni_train.train [overrides]`.
 
-Compose the config, check it (before torch.distributed or any model exists), then run the stage.
+Compose the config, check it (before torch.distributed or any model exists), then run the stage. With
+launcher=torchrun or launcher=slurm, start those processes instead (omni_train/launch/); each of them runs
+this entry point again with launcher=local.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from omni_train.config import CONF_DIR, ConfigError, TrainConfig, compose, register_schemas, validate_config
 from omni_train.config.validate import smallest_world_size
+from omni_train.launch import check_launcher, launch, launched_world
 
 
 def _user_overrides(argv: List[str]) -> List[str]:
@@ -23,14 +26,20 @@ def _user_overrides(argv: List[str]) -> List[str]:
     return [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra.")]
 
 
-def preflight(argv: List[str]) -> None:
+def preflight(argv: List[str]) -> DictConfig:
     """Fail in seconds, with one line naming the key, on any config this job cannot run."""
     import torch
 
     cfg = compose(_user_overrides(argv))
+    check_launcher(cfg)
+    cuda_available = torch.cuda.is_available()
+    if cfg.launcher.name == "slurm":  # the job runs on the cluster's nodes, not on this machine
+        cuda_available = cfg.cluster.gpus_per_node > 0
     # A dry run describes a layout without launching it: check it against the smallest world it needs.
-    world_size = smallest_world_size(cfg) if cfg.dry_run else int(os.environ.get("WORLD_SIZE", "1"))
-    validate_config(cfg, world_size=world_size, cuda_available=torch.cuda.is_available())
+    world_size = (smallest_world_size(cfg) if cfg.dry_run
+                  else launched_world(cfg) or int(os.environ.get("WORLD_SIZE", "1")))
+    validate_config(cfg, world_size=world_size, cuda_available=cuda_available)
+    return cfg
 
 
 def _quiet_libraries() -> None:
@@ -65,10 +74,12 @@ hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version
 
 def main() -> None:
     try:
-        preflight(sys.argv[1:])
+        cfg = preflight(sys.argv[1:])
     except ConfigError as exc:
         print(f"omni-train: config error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if cfg.launcher.name != "local":  # start the processes, each of which runs this with launcher=local
+        sys.exit(launch(OmegaConf.to_object(cfg), sys.argv[1:]))
     hydra_main()
 
 

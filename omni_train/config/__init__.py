@@ -2,8 +2,10 @@
 
 from omni_train.config.schema import (
     CheckpointConfig,
+    ClusterConfig,
     DataConfig,
     DatasetConfig,
+    LauncherConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -18,9 +20,11 @@ from omni_train.config.validate import validate_config
 __all__ = [
     "CONF_DIR",
     "CheckpointConfig",
+    "ClusterConfig",
     "ConfigError",
     "DataConfig",
     "DatasetConfig",
+    "LauncherConfig",
     "LoggerConfig",
     "ModelConfig",
     "OptimConfig",

@@ -191,6 +191,47 @@ class StageConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """How a run is started: conf/launcher/<name>.yaml <-> omni_train/launch/<name>.py."""
+
+    name: str = "local"  # "local" (this process) | "torchrun" (spawns torchrun) | "slurm" (sbatch)
+    # Processes per node. None: one per GPU (cluster.gpus_per_node under SLURM, the visible GPUs for
+    # torchrun), or 1 where there are none.
+    nproc_per_node: Optional[int] = None
+    # torchrun on several machines without SLURM: run the same command on each; rendezvous at node 0.
+    nnodes: int = 1
+    rdzv_endpoint: Optional[str] = None  # "host:port" of node 0; needed when nnodes > 1
+    # Print the command (torchrun) or the batch script (slurm) and start nothing.
+    dry_run: bool = False
+    # slurm: USR1 arrives this long before the time limit; training saves and the job requeues itself.
+    signal_seconds: int = 300
+    # slurm: the c10d rendezvous port on the job's first node. None: 20000 + job id % 10000, so that jobs
+    # sharing a node do not collide.
+    rdzv_port: Optional[int] = None
+    job_name: Optional[str] = None  # slurm: default omni-train-<stage name>
+
+
+@dataclass
+class ClusterConfig:
+    """A SLURM cluster (conf/cluster/<name>.yaml): where and how `launcher=slurm` places a run."""
+
+    name: str = MISSING
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU cluster (launcher.nproc_per_node processes per node)
+    cpus_per_node: Optional[int] = None  # --cpus-per-task of the one task (torchrun) on each node
+    mem: Optional[str] = None  # --mem per node, e.g. "0" (all of it)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    sbatch_args: List[str] = field(default_factory=list)  # more #SBATCH options, e.g. "--exclusive"
+    setup: List[str] = field(default_factory=list)  # shell lines before training: modules, venv, exports
+    python: Optional[str] = None  # the interpreter on the nodes; None: the one that submits
+    container_image: Optional[str] = None  # run in this image (pyxis: srun --container-image)
+    container_mounts: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -200,6 +241,8 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stage: StageConfig = MISSING
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    cluster: Optional[ClusterConfig] = None  # launcher=slurm: cluster=<name> from conf/cluster/
     # The stage's own directory. Its parent is the run root, in which `init_from=stage:<name>` resolves.
     run_dir: str = MISSING
     # Start from another checkpoint: "stage:<name>" (that stage's final checkpoint in the run root) or a path.

@@ -2,13 +2,16 @@
 
     omni-convert import HF_DIR OUT_CKPT [--tp N --pp N --ep N] [--from-qwen3-moe]   (torchrun for N > 1)
     omni-convert export CKPT OUT_HF_DIR [--max-shard-mb MB]
+    omni-convert generate OUT_HF_DIR --prompt TEXT [--max-new-tokens N] [--image F] [--audio F] [--no-stop]
 
 Import builds the Thinker LM for the layout (on "meta", then empty CPU storage: no random init), fills each
 rank's shards from the HF tensors it needs, one HF tensor at a time, and writes a dist checkpoint:
 ``model`` (the GPTModel's sharded_state_dict, as CheckpointManager writes it), ``carried`` (every non-LM
 HF tensor, keyed ``carried.<HF name>``, written by rank 0), the ``omni_train.json`` marker and the HF
 config.json / generation_config.json. Export reads the checkpoint's global tensors layer by layer through
-a world-size-1 sharded state dict, whatever layout wrote it, and writes transformers' on-disk layout.
+a world-size-1 sharded state dict, whatever layout wrote it, and writes transformers' on-disk layout;
+a run trained from scratch gets its HF config and tokenizer from its config.yaml (from_run.py). Generate
+loads an export with transformers and decodes greedily (generate.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from omni_train.checkpoint.manager import MARKER, latest_checkpoint
 from omni_train.config.schema import ParallelConfig
+from omni_train.export.from_run import NO_TALKER_NOTE, read_run, write_hf_files
 from omni_train.export.hf_io import HFReader, ShardedWriter
 from omni_train.models.thinker_lm import build_thinker_lm
 from omni_train.models.thinker_lm_bridge import (
@@ -275,14 +279,37 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Our checkpoint (any layout) -> transformers' on-disk layout; needs world-size-1 parallel state."""
+    """Our checkpoint (any layout) -> transformers' on-disk layout; needs world-size-1 parallel state.
+
+    An imported checkpoint (or one trained from an import) takes its HF config from the import and its
+    non-LM tensors from the import's carried ones. A run trained from scratch has no HF provenance: its
+    HF config and tokenizer come from the run's config.yaml (export/from_run.py) and only what it holds
+    (the Thinker: LM and towers) is exported, without talker / code2wav.
+    """
     ckpt, out = resolve_checkpoint(ckpt), Path(out)
     source = json.loads((ckpt / MARKER).read_text()).get("hf_source")
-    if source not in SOURCES:
-        raise ValueError(f"{ckpt / MARKER}: field 'hf_source' is {source!r}; this checkpoint was not "
-                         f"imported from HF, expected one of {sorted(SOURCES)}")
-    _, text = read_hf_config(ckpt, source)
-    cfg = model_config_from_hf(text)
+    run = None
+    if source is None:
+        run = read_run(ckpt)  # before writing anything: a missing piece fails first
+        cfg, source = run.model, "qwen3_omni_moe"
+    elif source not in SOURCES:
+        raise ValueError(f"{ckpt / MARKER}: field 'hf_source' is {source!r}, expected one of {sorted(SOURCES)}")
+    else:
+        cfg = model_config_from_hf(read_hf_config(ckpt, source)[1])
+    dtype = _write_weights(ckpt, out, cfg, source, max_shard_bytes)
+    if run is None:
+        for name in CONFIG_FILES:
+            if (ckpt / name).exists():
+                shutil.copy(ckpt / name, out / name)
+    else:
+        write_hf_files(run, out, dtype)
+        print(f"omni-convert export: {NO_TALKER_NOTE}", flush=True)
+    return out
+
+
+def _write_weights(ckpt: Path, out: Path, cfg, source: str, max_shard_bytes: int) -> torch.dtype:
+    """The LM (through the bridge table) and the carried tensors into sharded safetensors; returns the
+    LM's dtype."""
     metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
     if "embedding.word_embeddings.weight" not in metadata:
         raise ValueError(f"{ckpt}: checkpoint is missing tensor 'embedding.word_embeddings.weight'")
@@ -299,10 +326,7 @@ def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path
     _export_carried(ckpt, metadata, set(keys), writer, max_shard_bytes)
     _export_carried_elsewhere(ckpt, metadata, writer, max_shard_bytes)
     writer.close()
-    for name in CONFIG_FILES:
-        if (ckpt / name).exists():
-            shutil.copy(ckpt / name, out / name)
-    return out
+    return dtype
 
 
 def _export_carried(ckpt: Path, metadata: dict, used: set, writer: ShardedWriter, budget: int) -> None:
@@ -360,13 +384,33 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("ckpt", type=Path, help="a checkpoint dir, or a checkpoint root with 'latest'")
     exp.add_argument("out_hf_dir", type=Path)
     exp.add_argument("--max-shard-mb", type=int, default=2048)
+    gen = sub.add_parser("generate", help="greedy text from an export, loaded with transformers")
+    gen.add_argument("hf_dir", type=Path)
+    gen.add_argument("--prompt", required=True, help="the user turn's text")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--image", type=Path, help="an image file shown before the prompt")
+    gen.add_argument("--audio", type=Path, help="an audio file played before the prompt")
+    gen.add_argument("--no-stop", action="store_true", help="do not stop at <|im_end|>")
     return parser
+
+
+def _generate(args) -> None:
+    from omni_train.export.generate import generate_text
+
+    try:
+        text = generate_text(args.hf_dir, args.prompt, args.max_new_tokens, args.image, args.audio,
+                             stop_at_eos=not args.no_stop)
+    except FileNotFoundError as error:
+        raise SystemExit(f"omni-convert generate: {error}") from None
+    print(text, flush=True)
 
 
 def main(argv=None) -> None:
     from omni_train.parallel.setup import init_parallel, shutdown_parallel
 
     args = _parser().parse_args(argv)
+    if args.command == "generate":  # transformers alone: no process group
+        return _generate(args)
     layout = ParallelConfig(backend="gloo")
     if args.command == "import":
         layout = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo",
@@ -379,7 +423,10 @@ def main(argv=None) -> None:
         else:
             if dist.get_world_size() != 1:
                 raise SystemExit("omni-convert export runs as a single process")
-            out = export_hf(args.ckpt, args.out_hf_dir, args.max_shard_mb * 1024**2)
+            try:
+                out = export_hf(args.ckpt, args.out_hf_dir, args.max_shard_mb * 1024**2)
+            except (ValueError, FileNotFoundError) as error:  # what is missing or unsupported: one line
+                raise SystemExit(f"omni-convert export: {error}") from None
         if _rank() == 0:
             print(f"omni-convert {args.command}: wrote {out}")
     finally:

@@ -252,3 +252,23 @@ def model_config_from_hf(text_config: dict, flavor: str = "from_hf") -> ModelCon
         init_std=text_config.get("initializer_range", 0.02),
         aux_loss_coeff=text_config.get("router_aux_loss_coef", 1e-3),
     )
+
+
+def hf_text_config(cfg: ModelConfig) -> dict:
+    """The HF Qwen3-Omni thinker ``text_config`` (as a dict) of these sizes: the inverse of
+    ``model_config_from_hf``. Only the aux-loss router (Qwen3's softmax top-k) has an HF equivalent."""
+    if cfg.load_balancing != "aux_loss":
+        raise ValueError(f"model.load_balancing={cfg.load_balancing!r} has no Hugging Face equivalent "
+                         "(its sigmoid expert-bias router is not Qwen3's softmax top-k); need 'aux_loss'")
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.head_dim, num_experts=cfg.num_experts, num_experts_per_tok=cfg.router_topk,
+        moe_intermediate_size=cfg.moe_ffn_hidden_size, intermediate_size=cfg.moe_ffn_hidden_size,
+        rope_parameters=dict(rope_type="default", rope_theta=float(cfg.rope_theta),
+                             mrope_section=list(cfg.mrope_section), interleaved=True),
+        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.init_std, router_aux_loss_coef=cfg.aux_loss_coeff, hidden_act="silu",
+        norm_topk_prob=True, tie_word_embeddings=False, attention_bias=False, decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )

@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, env: ParallelEnv) -> None:
     trainer: Optional[Trainer] = None
 
     def where() -> str:
-        return f"after step {trainer.state.step}" if trainer else "while setting up (model, data, checkpoint)"
+        return f"last completed step: {trainer.state.step}" if trainer else "while setting up"
 
     with explain_collective_failures(env.rank, cfg.parallel.collective_timeout_s, where):
         trainer = Trainer(cfg, env, resolved)

@@ -26,6 +26,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from omni_train.checkpoint import safe_load
+
+# Every checkpoint this process reads (resume, init_from, export) goes through the restricted readers.
+safe_load.apply()
+
 MARKER = "omni_train.json"
 # How megatron's distributed optimizer lays out its state in a checkpoint. "dp_reshardable" (each
 # data-parallel rank's shard, reshardable to another dp size); megatron-core 0.16.1's default
@@ -40,6 +45,7 @@ class TrainState:
 
     step: int = 0
     consumed_samples: int = 0
+    nonfinite_skipped: int = 0  # steps whose update was skipped for a non-finite loss or gradient
 
 
 def _rank() -> int:

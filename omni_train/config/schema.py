@@ -91,6 +91,9 @@ class ParallelConfig:
     token_dispatcher: str = "alltoall"  # "alltoall" | "allgather"
     distributed_optimizer: bool = True  # used on GPU; the CPU path runs the plain megatron optimizer
     backend: str = "auto"  # "auto" (nccl on GPU, gloo on CPU) | "nccl" | "gloo"
+    # A collective that waits longer than this fails with an error naming the rank and step (a rank that
+    # died or hangs). Applies to every process group, megatron's included.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -120,6 +123,11 @@ class TrainerConfig:
     seed: int = 1234
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
+    # A step whose loss or gradients are not finite: "stop" (raise with a report naming the step, its sample
+    # keys and the first parameter with a non-finite gradient) or "skip" (no update, counted in the
+    # metrics as nonfinite_skipped; stops once more than max_nonfinite_skips steps were skipped).
+    nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
     # Activation recomputation: "none" | "full" (every LM decoder layer's activations recomputed in the
     # backward pass, megatron-core's full/uniform recompute; the towers use gradient checkpointing).
     recompute: str = "none"

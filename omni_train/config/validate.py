@@ -17,6 +17,7 @@ CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.recompute": ("none", "full"),
+    "trainer.nonfinite": ("stop", "skip"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("offline", "online", "disabled"),
     "model.load_balancing": ("aux_loss", "expert_bias"),
@@ -28,7 +29,7 @@ CHOICES = {
 POSITIVE = (
     "parallel.tp", "parallel.pp", "parallel.ep", "parallel.cp",
     "trainer.max_steps", "trainer.log_every", "trainer.global_batch_size", "trainer.micro_batch_size",
-    "trainer.seq_length", "checkpoint.save_every", "checkpoint.keep_last",
+    "trainer.seq_length", "checkpoint.save_every", "checkpoint.keep_last", "parallel.collective_timeout_s",
     "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
     "model.head_dim", "model.num_experts", "model.router_topk", "model.vocab_size",
 )
@@ -58,6 +59,8 @@ def _check_values(cfg: DictConfig) -> None:
              f"{cfg.optim.warmup_steps} must be >= 0 and < trainer.max_steps={cfg.trainer.max_steps}")
     _require(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr",
              f"{cfg.optim.min_lr} must be between 0 and optim.lr={cfg.optim.lr}")
+    _require(cfg.trainer.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips",
+             f"must be >= 0, got {cfg.trainer.max_nonfinite_skips}")
     stop = cfg.trainer.stop_at_step
     _require(stop is None or 1 <= stop <= cfg.trainer.max_steps, "trainer.stop_at_step",
              f"{stop} is outside 1..trainer.max_steps={cfg.trainer.max_steps}")

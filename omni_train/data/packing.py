@@ -255,4 +255,5 @@ def collate_packed(seqs: Sequence[PackedSequence]) -> Dict[str, Any]:
         "modality_ids": torch.stack([s.modality_ids for s in seqs]),
         "cu_seqlens": torch.cat(cu).to(torch.int32),
         "media": [m for s in seqs for m in s.media],
+        "keys": [k for s in seqs for k in s.keys],  # the documents' sample keys, in order
     }

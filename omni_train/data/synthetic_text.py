@@ -44,6 +44,7 @@ class SyntheticTextStream:
             "loss_mask": torch.ones_like(labels, dtype=torch.float32),
             # Text: temporal, height and width position ids are equal (TM-RoPE reduces to 1D RoPE).
             "position_ids": positions.unsqueeze(0).expand(3, -1, -1).contiguous(),
+            "keys": [f"synthetic:{i}" for i in indices],  # named in non-finite step reports
         }
 
 

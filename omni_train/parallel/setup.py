@@ -53,13 +53,14 @@ def init_parallel(cfg: ParallelConfig, device: torch.device, seed: int) -> Paral
     os.environ.setdefault("WORLD_SIZE", "1")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.collective_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         context_parallel_size=cfg.cp,
         expert_model_parallel_size=cfg.ep,
+        distributed_timeout_minutes=cfg.collective_timeout_s / 60,  # megatron's groups: the same limit
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

@@ -1,0 +1,201 @@
+"""What keeps an interruption from costing more than time: preemption, non-finite steps, failed collectives.
+
+- Preemption: SIGTERM or SIGUSR1 (what SLURM's ``--signal`` and a preempting scheduler send) only sets a
+  flag. After each step the ranks agree on it (a MAX all-reduce: the signal may reach ranks at different
+  times, and every rank must stop after the same step); the loop then saves a checkpoint and the process
+  exits with ``PREEMPTED_EXIT_CODE``, on which the SLURM script requeues the job. A rerun resumes there.
+- Non-finite loss or gradients: checked on every rank after backward and before the optimizer step, then
+  agreed on. ``trainer.nonfinite=skip`` drops the update (parameters and optimizer state untouched; the
+  step and its batch are spent) and counts it; ``stop`` raises ``NonFiniteError`` with a report naming the
+  step, the sample keys of its batch and the first parameter with a non-finite gradient.
+- Collectives: a collective that times out (``parallel.collective_timeout_s``) or loses its peer
+  becomes one ``CollectiveError`` naming this rank and the step, instead of a backend message.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+# EX_TEMPFAIL: "try again later". The SLURM batch script requeues the job when training exits with it.
+PREEMPTED_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+MAX_KEYS_SHOWN = 32
+
+
+def _all_reduce_max(values: List[int], device: torch.device) -> List[int]:
+    flags = torch.tensor(values, dtype=torch.int32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.tolist()
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is saved: the process exits with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+class Preemption:
+    """Catches SIGTERM / SIGUSR1 in this process; ``requested()`` is the ranks' common answer."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.received: Optional[int] = None  # the first signal this process got
+        self.signal_name: Optional[str] = None  # set once the ranks agreed to stop
+        self._owner = os.getpid()
+        self._previous: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPTION_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        # Forked helpers (data loader workers, checkpoint writers) inherit this handler: they ignore the
+        # signal, so a signal sent to the whole process group neither breaks the step nor the save; the
+        # training process ends them when it exits.
+        if os.getpid() == self._owner and self.received is None:
+            self.received = signum
+
+    def requested(self) -> bool:
+        """Collective (every rank calls it after every step): True on all ranks once any got a signal."""
+        signum = _all_reduce_max([self.received or 0], self.device)[0]
+        if signum and self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+        return bool(signum)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradients were not finite (trainer.nonfinite=stop, or too many skips)."""
+
+
+def _grad_buffers(model) -> List[torch.Tensor]:
+    """megatron DDP's contiguous gradient buffers (dense and expert-parallel)."""
+    buffers = list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
+    return [b.grad_data for b in buffers]
+
+
+def first_nonfinite_grad(model) -> Optional[str]:
+    """Name (unprefixed, as in checkpoints) of the first parameter whose gradient has a NaN or Inf."""
+    for name, param in model.named_parameters():
+        grad = getattr(param, "main_grad", None)
+        grad = param.grad if grad is None else grad
+        if grad is not None and not torch.isfinite(grad).all():
+            return name.removeprefix("module.")
+    return None
+
+
+def _keys(batch: Dict[str, Any]) -> List[str]:
+    return [str(k) for k in batch.get("keys") or []]
+
+
+def _shown(keys: List[str]) -> str:
+    if not keys:
+        return "(no sample keys)"
+    more = f" ... (+{len(keys) - MAX_KEYS_SHOWN} more)" if len(keys) > MAX_KEYS_SHOWN else ""
+    return ", ".join(keys[:MAX_KEYS_SHOWN]) + more
+
+
+class NonFiniteGuard:
+    """Checks one step's loss reports and gradients before the optimizer steps (trainer.nonfinite)."""
+
+    def __init__(self, policy: str, max_skips: int, device: torch.device):
+        self.policy, self.max_skips, self.device = policy, max_skips, device
+
+    def check(self, step: int, reports: List[Dict[str, Any]], micro_batches: List[Dict[str, Any]],
+              model, state) -> bool:
+        """Collective. True: skip this step's update (``state.nonfinite_skipped`` counts it). Raises
+        NonFiniteError under the stop policy or past ``max_skips``."""
+        # One flag per micro-batch (its loss report) and one for all gradients, on the device: one sync.
+        no = torch.zeros((), dtype=torch.bool, device=self.device)
+        micro_bad = [torch.stack([no] + [~torch.isfinite(v).all() for v in report.values()
+                                         if torch.is_tensor(v)]).any() for report in reports]
+        grads_bad = torch.stack([no] + [~torch.isfinite(g).all() for g in _grad_buffers(model)]).any()
+        local = torch.stack([torch.stack([no] + micro_bad).any(), grads_bad]).to(torch.int32)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        bad_loss, bad_grad = local.tolist()
+        if not (bad_loss or bad_grad):
+            return False
+        bad_micro = [i for i, bad in enumerate(micro_bad) if bad]
+        report = self._report(step, bad_loss, bad_grad, bad_micro, micro_batches, model)
+        if self.policy == "skip" and state.nonfinite_skipped < self.max_skips:
+            state.nonfinite_skipped += 1
+            if dist.get_rank() == 0:
+                print(f"{report}\n  update skipped ({state.nonfinite_skipped} of at most "
+                      f"{self.max_skips}, trainer.max_nonfinite_skips)", flush=True)
+            return True
+        why = ("trainer.nonfinite=stop; trainer.nonfinite=skip skips such steps" if self.policy == "stop"
+               else f"more than trainer.max_nonfinite_skips={self.max_skips} steps skipped")
+        raise NonFiniteError(f"{report}\n  stopped ({why}); no update was applied and the last "
+                             f"checkpoint is intact")
+
+    @staticmethod
+    def _report(step, bad_loss, bad_grad, bad_micro, micro_batches, model) -> str:
+        """Every rank's view (sample keys, first bad parameter), gathered: the culprit may be anywhere."""
+        local = {"rank": dist.get_rank(), "keys": [k for b in micro_batches for k in _keys(b)],
+                 "bad_loss_keys": [k for i in bad_micro for k in _keys(micro_batches[i])],
+                 "bad_param": first_nonfinite_grad(model) if bad_grad else None}
+        views = [local]
+        if dist.get_world_size() > 1:
+            views = [None] * dist.get_world_size()
+            dist.all_gather_object(views, local)
+        what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradients", bad_grad)) if bad)
+        lines = [f"non-finite {what} at step {step}"]
+        for view in views:
+            if view["bad_loss_keys"]:
+                lines.append(f"  rank {view['rank']}: non-finite loss on samples {_shown(view['bad_loss_keys'])}")
+        first_bad = next((v for v in views if v["bad_param"]), None)
+        if first_bad:
+            lines.append(f"  first parameter with a non-finite gradient: {first_bad['bad_param']} "
+                         f"(rank {first_bad['rank']})")
+        for view in views:
+            lines.append(f"  rank {view['rank']}: sample keys of step {step}: {_shown(view['keys'])}")
+        return "\n".join(lines)
+
+
+class CollectiveError(RuntimeError):
+    """A collective timed out or lost a peer: another rank died or hangs."""
+
+
+_TIMEOUT = ("timed out", "timeout")
+_LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+              "socket closed")
+
+
+def describe_collective_failure(exc: BaseException, rank: int, timeout_s: float, where: str) -> Optional[str]:
+    """One line for a backend error that means "another rank is gone or stuck", else None."""
+    text = str(exc).lower()
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if any(m in text for m in _TIMEOUT):
+        return (f"rank {rank}: a collective timed out after {timeout_s:g} s ({where}): another rank may be "
+                f"dead or stuck (parallel.collective_timeout_s sets the limit). Backend: {cause}")
+    if any(m in text for m in _LOST_PEER):
+        return (f"rank {rank}: a collective lost its connection to another rank ({where}): that rank has "
+                f"probably died (the launcher's report names the rank that exited first). Backend: {cause}")
+    return None
+
+
+@contextmanager
+def explain_collective_failures(rank: int, timeout_s: float, where: Callable[[], str]) -> Iterator[None]:
+    """Re-raise a collective timeout or a lost peer as CollectiveError naming ``rank`` and ``where()``."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo and NCCL errors (torch.distributed.DistError is a RuntimeError)
+        if isinstance(exc, (CollectiveError, NonFiniteError)):
+            raise
+        message = describe_collective_failure(exc, rank, timeout_s, where())
+        if message is None:
+            raise
+        raise CollectiveError(message) from exc

@@ -35,11 +35,20 @@ def preflight(argv: List[str]) -> DictConfig:
     cuda_available = torch.cuda.is_available()
     if cfg.launcher.name == "slurm":  # the job runs on the cluster's nodes, not on this machine
         cuda_available = cfg.cluster.gpus_per_node > 0
-    # A dry run describes a layout without launching it: check it against the smallest world it needs.
-    world_size = (smallest_world_size(cfg) if cfg.dry_run
+    # A dry run describes a layout without launching it: check it against the world it describes.
+    world_size = (dry_run_world_size(cfg) if cfg.dry_run
                   else launched_world(cfg) or int(os.environ.get("WORLD_SIZE", "1")))
     validate_config(cfg, world_size=world_size, cuda_available=cuda_available)
     return cfg
+
+
+def dry_run_world_size(cfg) -> int:
+    """The world a dry run describes: dry_run_world_size, else the smallest the layout takes."""
+    if cfg.dry_run_world_size is None:
+        return smallest_world_size(cfg)
+    if cfg.dry_run_world_size < 1:
+        raise ConfigError("dry_run_world_size", f"must be >= 1, got {cfg.dry_run_world_size}")
+    return cfg.dry_run_world_size
 
 
 def _quiet_libraries() -> None:
@@ -56,7 +65,10 @@ def run(cfg: DictConfig) -> None:
     if train_cfg.dry_run:
         from omni_train.models.dry_run import print_dry_run
 
-        print_dry_run(train_cfg.model, train_cfg.parallel)
+        if not print_dry_run(train_cfg, dry_run_world_size(train_cfg)):
+            print(f"omni-train: dry run: the per-rank memory estimate exceeds dry_run_gpu_memory_gb="
+                  f"{train_cfg.dry_run_gpu_memory_gb:g}", file=sys.stderr, flush=True)
+            sys.exit(3)
         return
     from omni_train.loop import train
     from omni_train.parallel.setup import choose_device, init_parallel, shutdown_parallel

@@ -255,5 +255,12 @@ class TrainConfig:
     run_dir: str = MISSING
     # Start from another checkpoint: "stage:<name>" (that stage's final checkpoint in the run root) or a path.
     init_from: Optional[str] = None
-    # Build on the meta device, print parameter counts and shard shapes, allocate nothing, exit.
+    # Build on the meta device, print parameter counts, shard shapes and the per-rank memory estimate,
+    # allocate nothing, exit (status 3 when the estimate exceeds dry_run_gpu_memory_gb).
     dry_run: bool = False
+    # The number of GPUs the dry run describes (it sets data parallel and optimizer sharding); null: the
+    # smallest world the layout takes, tp * pp * lcm(cp, ep). Recipes set the size they are written for.
+    dry_run_world_size: Optional[int] = None
+    # Memory per GPU, in GB (1e9 bytes), the dry run's estimate must fit. An "80GB" H100 holds 85.5e9
+    # bytes, so 80 leaves ~5 GB for what the estimate does not count (CUDA context, NCCL, fragmentation).
+    dry_run_gpu_memory_gb: float = 80.0

@@ -83,17 +83,18 @@ def _check_phases(cfg: DictConfig) -> None:
 
 
 def _check_shards(cfg: DictConfig) -> None:
-    """data=shards: every dataset directory and the tokenizer exist before anything starts."""
+    """data=shards: every dataset directory and the tokenizer exist before anything starts (a dry run reads
+    no data: it checks the weights and that a tokenizer is named, not that the paths exist)."""
     data = cfg.data
     if data.name != "shards":
         return
     _require(len(data.datasets) > 0, "data.datasets", "data=shards needs at least one dataset")
     for i, dataset in enumerate(data.datasets):
         key = f"data.datasets[{i}]"
-        _require((Path(dataset.path) / "index.json").is_file(), f"{key}.path",
+        _require(cfg.dry_run or (Path(dataset.path) / "index.json").is_file(), f"{key}.path",
                  f"{dataset.path!r} has no index.json (build it with `omni-data build`)")
         _require(dataset.weight > 0, f"{key}.weight", f"must be > 0, got {dataset.weight}")
-    _require(data.tokenizer is not None and Path(data.tokenizer).is_dir(), "data.tokenizer",
+    _require(data.tokenizer is not None and (cfg.dry_run or Path(data.tokenizer).is_dir()), "data.tokenizer",
              f"{data.tokenizer!r} is not a tokenizer directory")
 
 

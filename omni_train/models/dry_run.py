@@ -1,15 +1,25 @@
-"""`dry_run=true`: build the model on the meta device, print parameter counts and each rank's shards."""
+"""`dry_run=true`: build the model on the meta device, print parameter counts, each rank's shards and the
+per-rank memory estimate for the run's layout, allocate nothing.
+
+The world size described is ``dry_run_world_size`` (what a recipe is written for), else the smallest the
+layout takes; the estimate is checked against ``dry_run_gpu_memory_gb`` (omni_train/models/memory_estimate.py).
+"""
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from omni_train.config import ModelConfig, ParallelConfig
+from omni_train.config import ModelConfig, ParallelConfig, TrainConfig
+from omni_train.models.memory_estimate import estimate_memory, format_estimate
+from omni_train.models.param_inventory import count_thinker_parameters, tower_parameter_counts
 from omni_train.models.thinker_lm import build_thinker_lm, count_parameters, describe_shards
+
+# Placeholder ids for building the towers on the meta device (only the towers' sizes matter there).
+_META_TOKEN_IDS = dict.fromkeys(("audio_pad", "image_pad", "video_pad", "vision_start", "audio_start"), 0)
 
 
 def build_on_meta(model_cfg: ModelConfig) -> int:
@@ -26,6 +36,24 @@ def build_on_meta(model_cfg: ModelConfig) -> int:
         shutdown_parallel()
 
 
+def build_towers_on_meta(model_cfg: ModelConfig) -> Tuple[int, int]:
+    """(audio, vision) parameter counts of transformers' tower modules built on the meta device from the
+    thinker config the multimodal stages build them from."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoeAudioEncoder,
+        Qwen3OmniMoeVisionEncoder,
+    )
+
+    from omni_train.stages.multimodal_pretrain import hf_thinker_config
+
+    hf = Qwen3OmniMoeThinkerConfig(**hf_thinker_config(model_cfg, _META_TOKEN_IDS))
+    with torch.device("meta"):
+        audio = Qwen3OmniMoeAudioEncoder(hf.audio_config)
+        vision = Qwen3OmniMoeVisionEncoder(hf.vision_config)
+    return (sum(p.numel() for p in audio.parameters()), sum(p.numel() for p in vision.parameters()))
+
+
 def _collapse_experts(shards: List[Tuple[str, Tuple[int, ...]]]) -> List[Tuple[str, Tuple[int, ...], int]]:
     """Group `local_experts.{i}.x` entries into one line with a count."""
     grouped: "OrderedDict[Tuple[str, Tuple[int, ...]], int]" = OrderedDict()
@@ -35,13 +63,32 @@ def _collapse_experts(shards: List[Tuple[str, Tuple[int, ...]]]) -> List[Tuple[s
     return [(name, shape, count) for (name, shape), count in grouped.items()]
 
 
-def format_dry_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, built_params: int | None) -> str:
+def _count_lines(model_cfg: ModelConfig, built_lm: Optional[int], built_towers: Optional[Tuple[int, int]]):
     total, active = count_parameters(model_cfg)
     lines = [f"model {model_cfg.flavor}: {total:,} parameters ({total / 1e9:.2f} B) total, "
              f"{active:,} ({active / 1e9:.2f} B) active per token"]
-    if built_params is not None:
-        lines.append(f"built on the meta device: {built_params:,} parameters "
-                     f"({'matches' if built_params == total else 'DIFFERS FROM'} the analytic count)")
+    if built_lm is not None:
+        lines.append(f"built on the meta device: {built_lm:,} parameters "
+                     f"({'matches' if built_lm == total else 'DIFFERS FROM'} the analytic count)")
+    if not model_cfg.towers:
+        return lines
+    audio, vision = tower_parameter_counts(model_cfg)
+    all_total, all_active = count_thinker_parameters(model_cfg)
+    lines[0] = f"language model {model_cfg.flavor}: " + lines[0].split(": ", 1)[1]
+    lines.append(f"audio tower: {audio:,} parameters; vision tower: {vision:,} parameters "
+                 "(replicated on every rank)")
+    if built_towers is not None:
+        lines.append(f"towers built on the meta device (transformers): {built_towers[0]:,} + "
+                     f"{built_towers[1]:,} ({'match' if built_towers == (audio, vision) else 'DIFFER FROM'} "
+                     "the analytic counts)")
+    lines.append(f"Thinker with towers: {all_total:,} parameters ({all_total / 1e9:.2f} B) total, "
+                 f"{all_active:,} ({all_active / 1e9:.2f} B) active per token")
+    return lines
+
+
+def format_dry_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, built_params: Optional[int],
+                   built_towers: Optional[Tuple[int, int]] = None) -> str:
+    lines = _count_lines(model_cfg, built_params, built_towers)
     p = parallel_cfg
     lines.append(f"layout tp={p.tp} pp={p.pp} ep={p.ep} cp={p.cp}: per-rank shards "
                  "(every data-parallel replica holds the same)")
@@ -57,9 +104,19 @@ def format_dry_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, built_p
             lines.append(f"    layers.*.{name} {tuple(shape)}{suffix}")
         for name, shape in first["other"]:
             lines.append(f"    {name} {tuple(shape)}")
+    if model_cfg.towers:
+        audio, vision = tower_parameter_counts(model_cfg)
+        lines.append(f"  + audio_tower.* ({audio:,}) and visual.* ({vision:,}) on every rank")
     return "\n".join(lines)
 
 
-def print_dry_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, build: bool = True) -> None:
-    built = build_on_meta(model_cfg) if build else None
-    print(format_dry_run(model_cfg, parallel_cfg, built), flush=True)
+def print_dry_run(cfg: TrainConfig, world_size: int, build: bool = True) -> bool:
+    """Print counts, shards and the memory estimate of ``cfg`` on ``world_size`` ranks; whether the
+    estimate fits ``cfg.dry_run_gpu_memory_gb``."""
+    built = build_on_meta(cfg.model) if build else None
+    towers = build_towers_on_meta(cfg.model) if build and cfg.model.towers else None
+    print(format_dry_run(cfg.model, cfg.parallel, built, towers), flush=True)
+    estimates = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.stage, world_size,
+                                document_mask=cfg.data.name == "shards")
+    print(format_estimate(estimates, cfg.dry_run_gpu_memory_gb), flush=True)
+    return max(e.total for e in estimates) <= cfg.dry_run_gpu_memory_gb * 1e9

@@ -90,6 +90,10 @@ def main() -> None:
     except ConfigError as exc:
         print(f"omni-train: config error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if cfg.pipeline.stages:  # stage after stage, each its own omni-train process (omni_train/pipeline.py)
+        from omni_train.pipeline import run_pipeline
+
+        sys.exit(run_pipeline(cfg, sys.argv[1:]))
     if cfg.launcher.name != "local":  # start the processes, each of which runs this with launcher=local
         sys.exit(launch(OmegaConf.to_object(cfg), sys.argv[1:]))
     hydra_main()

@@ -240,6 +240,27 @@ class ClusterConfig:
 
 
 @dataclass
+class PipelineStageConfig:
+    recipe: str = MISSING  # a recipe under recipes/, e.g. tiny/audio_align
+    overrides: List[str] = field(default_factory=list)  # applied after the recipe, before the user's
+
+
+@dataclass
+class PipelineConfig:
+    """A chain of stage recipes run one after another in `run_dir/<stage name>`, each starting from the
+    previous stage's final checkpoint, then an export to `run_dir/export` (omni_train/pipeline.py)."""
+
+    stages: List[PipelineStageConfig] = field(default_factory=list)  # empty: a single-stage run
+    # `omni-data synth-suite` into this directory when it has no tokenizer yet (tiny recipes); null: none
+    synth_root: Optional[str] = None
+    synth_samples: int = 16  # samples per data kind
+    export: bool = True
+    # Printed at the end: the exported model's greedy answer to this prompt (null: no generation)
+    prompt: Optional[str] = "Describe what you see."
+    max_new_tokens: int = 16
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -251,6 +272,7 @@ class TrainConfig:
     stage: StageConfig = MISSING
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     cluster: Optional[ClusterConfig] = None  # launcher=slurm: cluster=<name> from conf/cluster/
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # The stage's own directory. Its parent is the run root, in which `init_from=stage:<name>` resolves.
     run_dir: str = MISSING
     # Start from another checkpoint: "stage:<name>" (that stage's final checkpoint in the run root) or a path.

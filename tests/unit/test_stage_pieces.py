@@ -86,6 +86,9 @@ def _layer_calls_and_grads(recompute: str):
     pos = torch.arange(16).expand(3, 1, 16)
     loss = model(ids, pos, attention_mask=None, labels=ids).sum()
     loss.backward()
+    # no routing probabilities (and their recomputed graph) outlive the step
+    assert all(getattr(m.token_dispatcher, "probs", None) is None for m in model.modules()
+               if hasattr(m, "token_dispatcher"))
     return len(calls), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
@@ -43,6 +44,30 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
+def _start_checkpoint_helper_shielded() -> None:
+    """Start megatron-core's checkpoint-writer result queue with the preemption signals blocked.
+
+    It is a multiprocessing Manager: a spawned process, otherwise started at the first save, that every
+    later save talks to. A spawned process keeps no Python handler but inherits the blocked-signal mask;
+    without it, a signal sent to the whole process group (SLURM's TERM) would kill the Manager and the
+    preemption checkpoint would fail with BrokenPipeError. Signals that arrive meanwhile are delivered
+    to this process when the mask is restored.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        start = filesystem_async._get_write_results_queue
+    except (ImportError, AttributeError):
+        return
+    # Started first: launching it unblocks SIGTERM in this process, which would undo the mask below.
+    multiprocessing.resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class Preemption:
     """Catches SIGTERM / SIGUSR1 in this process; ``requested()`` is the ranks' common answer."""
 
@@ -53,6 +78,7 @@ class Preemption:
         self._owner = os.getpid()
         self._previous: Dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
+            _start_checkpoint_helper_shielded()
             for sig in PREEMPTION_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 

@@ -107,9 +107,12 @@ class NonFiniteError(RuntimeError):
 
 
 def _grad_buffers(model) -> List[torch.Tensor]:
-    """megatron DDP's contiguous gradient buffers (dense and expert-parallel)."""
-    buffers = list(getattr(model, "buffers", [])) + list(getattr(model, "expert_parallel_buffers", []))
-    return [b.grad_data for b in buffers]
+    """megatron DDP's contiguous gradient buffers (dense and expert-parallel), else each .grad."""
+    buffers = [b for attr in ("buffers", "expert_parallel_buffers")
+               for b in (getattr(model, attr) if isinstance(getattr(model, attr, None), list) else [])]
+    if buffers:
+        return [b.grad_data for b in buffers]
+    return [p.grad for p in model.parameters() if p.grad is not None]
 
 
 def first_nonfinite_grad(model) -> Optional[str]:
@@ -203,6 +206,8 @@ _LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken p
 def describe_collective_failure(exc: BaseException, rank: int, timeout_s: float, where: str) -> Optional[str]:
     """One line for a backend error that means "another rank is gone or stuck", else None."""
     text = str(exc).lower()
+    if not isinstance(exc, dist.DistError) and not any(b in text for b in ("gloo", "nccl", "c10d")):
+        return None  # not from a collective (e.g. a data loader's own timeout)
     cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if any(m in text for m in _TIMEOUT):
         return (f"rank {rank}: a collective timed out after {timeout_s:g} s ({where}): another rank may be "

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf
 
 from omni_train.config import ClusterConfig, LauncherConfig, TrainConfig
-from omni_train.launch.torchrun import FORWARDED_SIGNALS, PREEMPTED_EXIT_CODE
+from omni_train.launch.torchrun import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,11 @@ step=$!
 while kill -0 "$step" 2>/dev/null; do wait "$step"; done
 wait "$step"; status=$?
 echo "omni-train: training exited with status $status"
-if [ "$status" -eq %(preempted)s ] && [ "$signal" != TERM ]; then
+requeue=no
+[ "$status" -eq %(preempted)s ] && requeue=yes  # training saved and asks to be resumed
+[ "$signal" = USR1 ] && [ "$status" -ne 0 ] && requeue=yes  # stopped otherwise: resume from the last save
+[ "$signal" = TERM ] && requeue=no  # scancel, preemption, scontrol requeue: SLURM decides
+if [ "$requeue" = yes ]; then
     echo "omni-train: requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
@@ -93,9 +97,7 @@ def srun_command(cfg: TrainConfig, overrides: List[str], nproc: int, workdir: Pa
         shlex.join([*srun, python, "-m", "omni_train.launch.torchrun"]),
         ('--nnodes "$SLURM_NNODES" --rdzv_backend c10d --rdzv_endpoint "$head:$port" '
          '--rdzv_id "$SLURM_JOB_ID"'),
-        shlex.join(["--nproc_per_node", str(nproc), "--signals_to_handle", FORWARDED_SIGNALS,
-                    "--shutdown_timeout", str(cfg.launcher.signal_seconds)]),
-        shlex.join(["-m", "omni_train.train", *overrides]),
+        shlex.join(["--nproc_per_node", str(nproc), "-m", "omni_train.train", *overrides]),
     ]
     return " \\\n    ".join(lines)
 

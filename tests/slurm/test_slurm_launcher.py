@@ -92,7 +92,8 @@ def test_requeued_and_time_limited_job_resumes_to_the_same_losses(slurm_cluster,
 
     log = _log(run_dir, job)
     assert _job(job, slurm_cluster) == ("COMPLETED", 2), log[-4000:]
-    assert "requeueing job" in log  # the batch script did it after USR1
+    # After USR1 training saved and exited 75, and the batch script requeued the job (SLURM does not).
+    assert "training exited with status 75\nomni-train: requeueing job" in log, log[-4000:]
     resumed_at = [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert len(resumed_at) == 2 and 0 < resumed_at[0] < resumed_at[1] < 8, log[-4000:]
     assert _losses(run_dir) == local_losses

@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -40,12 +42,14 @@ def test_sbatch_script_for_a_gpu_cluster(tmp_path):
     assert "--container-image=/img/omni.sqsh" in srun and "--container-mounts=/data:/data" in srun
     assert "python -m omni_train.launch.torchrun" in srun  # the container's interpreter
     for part in ('--nnodes "$SLURM_NNODES"', '--rdzv_backend c10d', '--rdzv_endpoint "$head:$port"',
-                 '--rdzv_id "$SLURM_JOB_ID"', "--nproc_per_node 8", "--signals_to_handle",
+                 '--rdzv_id "$SLURM_JOB_ID"', "--nproc_per_node 8",
                  "-m omni_train.train cluster=h100_example cluster.nodes=2"):
         assert part in srun, part
     assert srun.rstrip().endswith("launcher=local") and "launcher=slurm" not in srun
     assert "trap 'forward USR1' USR1" in script and "trap 'forward TERM' TERM" in script
-    assert f'"$status" -eq {PREEMPTED_EXIT_CODE}' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert f'[ "$status" -eq {PREEMPTED_EXIT_CODE} ] && requeue=yes' in script
+    assert '[ "$signal" = TERM ] && requeue=no' in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
     syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
 
@@ -131,3 +135,33 @@ def test_torchrun_wrapper_keeps_the_preempted_status(worker_status, expected):
            "--no-python", "sh", "-c", f"exit {worker_status}"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(threads=1), capture_output=True, text=True, timeout=120)
     assert proc.returncode == expected, proc.stderr[-2000:]
+
+
+# A training process with a helper in its process group, as megatron's checkpoint writer is: on USR1 it
+# exits PREEMPTED_EXIT_CODE if the helper is still alive (torchrun alone would have signalled the group).
+WORKER = """
+import signal, subprocess, sys, time
+helper = subprocess.Popen(["sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def stop(*args):
+    alive = helper.poll() is None
+    helper.kill()
+    sys.exit(75 if alive else 9)
+signal.signal(signal.SIGUSR1, stop)
+open(sys.argv[1], "w").close()
+time.sleep(60)
+"""
+
+
+def test_torchrun_wrapper_passes_preemption_signals_to_the_workers_alone(tmp_path):
+    ready = tmp_path / "ready"
+    cmd = [sys.executable, "-m", "omni_train.launch.torchrun", "--standalone", "--nproc_per_node", "1",
+           "--no-python", sys.executable, "-c", WORKER, str(ready)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(threads=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-2000:]
+    assert "SIGUSR1: passing it to 1 training processes" in stderr

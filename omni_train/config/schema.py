@@ -216,7 +216,7 @@ class LauncherConfig:
     # slurm: the c10d rendezvous port on the job's first node. None: 20000 + job id % 10000, so that jobs
     # sharing a node do not collide.
     rdzv_port: Optional[int] = None
-    job_name: Optional[str] = None  # slurm: default omni-train-<stage name>
+    job_name: Optional[str] = None  # slurm: default omni-train-<stage name>-<hash of the run directory>
 
 
 @dataclass

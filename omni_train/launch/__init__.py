@@ -8,6 +8,7 @@ overrides mean the same thing under every launcher.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import List, Optional
 
 from omni_train.config import ConfigError, TrainConfig
@@ -41,6 +42,9 @@ def check_launcher(cfg: TrainConfig) -> None:
     launcher = cfg.launcher
     if launcher.name not in NAMES:
         raise ConfigError("launcher.name", f"{launcher.name!r} is not one of {', '.join(NAMES)}")
+    if launcher.name != "local" and "LOCAL_RANK" in os.environ:
+        raise ConfigError("launcher", f"launcher={launcher.name} inside a process that torchrun started would "
+                                      "start processes again; its processes run launcher=local")
     if launcher.nproc_per_node is not None and launcher.nproc_per_node < 1:
         raise ConfigError("launcher.nproc_per_node", f"must be >= 1, got {launcher.nproc_per_node}")
     if launcher.name == "torchrun":

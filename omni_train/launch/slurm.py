@@ -2,9 +2,9 @@
 
 The script runs one torchrun per node through srun (rendezvous at the job's first node) and handles
 preemption: SLURM sends USR1 `launcher.signal_seconds` before the time limit; the script passes it on,
-training saves and exits with PREEMPTED_EXIT_CODE, and the script requeues the job. A TERM (scancel,
-preemption, `scontrol requeue`) is passed on too, but what follows is SLURM's decision. Every start of the
-job resumes from <run_dir>/checkpoints/latest.
+training saves and exits with PREEMPTED_EXIT_CODE, and the script requeues the job (also when training
+stopped some other way after the USR1). A TERM (scancel, preemption, `scontrol requeue`) is passed on too,
+but what follows it is SLURM's decision. Every start of the job resumes from <run_dir>/checkpoints/latest.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf
 
 from omni_train.config import ClusterConfig, LauncherConfig, TrainConfig
-from omni_train.launch.torchrun import PREEMPTED_EXIT_CODE
+from omni_train.resilience import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -84,6 +84,13 @@ def test_launcher_config_errors_name_the_key(overrides, key):
     assert info.value.key == key, str(info.value)
 
 
+def test_no_launcher_inside_torchrun(monkeypatch):
+    """`torchrun -m omni_train.train launcher=torchrun` would start torchrun in every process."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="launcher=torchrun inside a process that torchrun started"):
+        preflight(["launcher=torchrun"])
+
+
 @pytest.fixture
 def fake_sbatch(tmp_path):
     """An `sbatch` first on PATH that records its arguments and answers with job id 4242."""

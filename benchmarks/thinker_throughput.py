@@ -1,0 +1,455 @@
+"""Training throughput of the Thinker LM: omni-train (megatron-core) vs transformers' Qwen3-Omni Thinker.
+
+    python3 benchmarks/thinker_throughput.py --layers 4 --seq-length 4096 --micro-batch 2 \
+        --steps 5 --warmup 2 --which ours,hf_grouped_mm,hf_eager --json bench.json
+    python3 benchmarks/thinker_throughput.py --tiny --which ours,hf_eager --steps 2 --warmup 1 ...  (CPU)
+
+Both sides train the same model (the 30B-A3B Thinker's width with ``--layers`` decoder layers, or a tiny
+one with ``--tiny``) on the same seeded random tokens, micro-batch and sequence length, one optimizer
+step per micro-batch:
+
+- ``ours``: the trainer itself (``omni_train.loop.Trainer`` built from the composed Hydra config, stage
+  text_pretrain: megatron DDP, megatron's AdamW, distributed optimizer on GPU, clipping at 1.0, per-token
+  loss), at world size 1, with the trainer's data source swapped for the benchmark's batches.
+- ``hf_<impl>``: ``Qwen3OmniMoeThinkerForConditionalGeneration`` built from the same sizes (text-only
+  inputs, audio/vision towers shrunk to a few thousand unused parameters), experts implementation
+  ``<impl>`` (eager, grouped_mm, batched_mm), SDPA attention, ``torch.optim.AdamW(fused=True)`` on the
+  bf16 parameters, the same clipping, no router aux loss.
+
+No load-balancing loss on either side (ours: aux_loss_coeff=0). bf16 on GPU, fp32 on CPU. Each variant
+runs in a fresh subprocess (its own peak memory; an OOM or a timeout loses only that variant). FLOPs per
+token are ``omni_train.metrics.flops_per_token`` (Megatron's MoE formula) for both; MFU uses
+``omni_train.metrics.device_peak_flops`` (989 TFLOP/s on H100 and H200). tokens/s = micro_batch *
+seq_length / mean step time over the timed steps (device synchronised around each step). Peak memory:
+``torch.cuda.max_memory_allocated`` over the timed steps (max RSS of the process on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = ("ours", "hf_grouped_mm", "hf_batched_mm", "hf_eager")
+TIMEOUTS = {"ours": 150, "hf_grouped_mm": 90, "hf_batched_mm": 90, "hf_eager": 120}
+# The real 30B-A3B Thinker's LM width (conf/model/qwen3_omni_30b_a3b.yaml); depth from --layers.
+PROXY = dict(vocab_size=152064, hidden_size=2048, num_attention_heads=32, num_query_groups=4, head_dim=128,
+             num_experts=128, router_topk=8, moe_ffn_hidden_size=768, mrope_section=[24, 20, 20])
+TINY = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_query_groups=2, head_dim=16,
+            num_experts=8, router_topk=2, moe_ffn_hidden_size=32, mrope_section=[4, 2, 2])
+LR, CLIP = 3e-4, 1.0
+
+
+def model_fields(spec: dict) -> dict:
+    sizes = TINY if spec["tiny"] else PROXY
+    return dict(sizes, flavor="tiny" if spec["tiny"] else "qwen3_omni_30b_a3b", num_layers=spec["layers"],
+                aux_loss_coeff=0.0, max_position_embeddings=max(4096, spec["seq_length"]))
+
+
+def model_config(spec: dict):
+    from omni_train.config.schema import ModelConfig
+
+    return ModelConfig(**model_fields(spec))
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker side: one variant in this process.
+
+
+def make_batches(spec: dict, vocab_size: int, count: int, device):
+    """``count`` micro-batches of seeded random tokens, in the trainer's batch format, on ``device``."""
+    import torch
+
+    g = torch.Generator().manual_seed(spec["seed"])
+    b, s = spec["micro_batch"], spec["seq_length"]
+    tokens = torch.randint(0, vocab_size, (count, b, s + 1), generator=g)
+    positions = torch.arange(s).expand(3, b, s).contiguous().to(device)
+    return [{
+        "input_ids": t[:, :-1].contiguous().to(device),
+        "labels": t[:, 1:].contiguous().to(device),
+        "loss_mask": torch.ones(b, s, device=device),
+        "position_ids": positions,
+        "keys": [f"bench:{i}:{r}" for r in range(b)],
+    } for i, t in enumerate(tokens)]
+
+
+class FixedBatches:
+    """Stands in for the trainer's data source: one micro-batch per optimizer step."""
+
+    def __init__(self, batches):
+        self.batches, self.step = batches, 0
+
+    def next_microbatches(self):
+        batch = self.batches[self.step % len(self.batches)]
+        self.step += 1
+        return [batch]
+
+    def stats(self):
+        return {}
+
+
+def build_ours(spec: dict, device):
+    """The trainer as `omni-train` builds it (recipe text_pretrain), at the benchmark's sizes."""
+    from omegaconf import OmegaConf
+
+    from omni_train.config import compose, validate_config
+    from omni_train.loop import Trainer
+    from omni_train.parallel.setup import init_parallel
+
+    on_gpu = device.type == "cuda"
+    fields = model_fields(spec)
+    overrides = ["recipe=tiny/text_pretrain_gpu" if on_gpu else "recipe=tiny/text_pretrain",
+                 "model=tiny" if spec["tiny"] else "model=qwen3_omni_30b_a3b", "logger=none",
+                 f"trainer.seq_length={spec['seq_length']}", f"trainer.micro_batch_size={spec['micro_batch']}",
+                 f"trainer.global_batch_size={spec['micro_batch']}", "trainer.max_steps=1000",
+                 f"trainer.device={device.type}", f"trainer.precision={'bf16' if on_gpu else 'fp32'}",
+                 f"trainer.seed={spec['seed']}", f"optim.lr={LR}", f"optim.clip_grad={CLIP}",
+                 "checkpoint.save_every=100000", "checkpoint.save_at_end=false",
+                 f"run_dir={tempfile.mkdtemp(prefix='thinker_throughput_')}"]
+    overrides += [f"model.{k}={v}" for k, v in fields.items() if k != "flavor"]
+    composed = compose(overrides)
+    validate_config(composed, world_size=1, cuda_available=on_gpu)
+    cfg = OmegaConf.to_object(composed)
+    env = init_parallel(cfg.parallel, device, cfg.trainer.seed)
+    trainer = Trainer(cfg, env, resolved={})
+    batches = make_batches(spec, cfg.model.vocab_size, spec["warmup"] + spec["steps"] + 1, device)
+    trainer.data = FixedBatches(batches)
+    info = dict(parameters=sum(p.numel() for p in trainer.model.parameters()),
+                optimizer=type(trainer.optimizer).__name__, token_dispatcher=cfg.parallel.token_dispatcher,
+                distributed_optimizer=on_gpu and cfg.parallel.distributed_optimizer)
+    return (lambda: trainer.train_step()["loss"]), info
+
+
+def hf_thinker_config(m, impl: str):
+    """transformers' thinker config for ModelConfig ``m``: text-only use, towers shrunk (they get no
+    input, hence no gradient and no optimizer state)."""
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+
+    text = dict(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+        head_dim=m.head_dim, moe_intermediate_size=m.moe_ffn_hidden_size, num_experts=m.num_experts,
+        num_experts_per_tok=m.router_topk, norm_topk_prob=True, tie_word_embeddings=False,
+        rms_norm_eps=m.rms_norm_eps, decoder_sparse_step=1, mlp_only_layers=[], use_cache=False,
+        output_router_logits=False, router_aux_loss_coef=0.0, initializer_range=m.init_std,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_parameters=dict(rope_type="default", rope_theta=m.rope_theta,
+                             mrope_section=list(m.mrope_section), interleaved=True),
+    )
+    top = m.vocab_size - 1  # placeholder ids: never fed (text-only), must be < vocab
+    return Qwen3OmniMoeThinkerConfig(
+        text_config=text,
+        audio_config=dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                          output_dim=m.hidden_size, n_window=4, downsample_hidden_size=8),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                           out_hidden_size=m.hidden_size, deepstack_visual_indexes=[0]),
+        audio_token_id=top, image_token_id=top - 1, video_token_id=top - 2, vision_start_token_id=top - 3,
+        audio_start_token_id=top - 4, tie_word_embeddings=False, experts_implementation=impl,
+    )
+
+
+def build_hf(spec: dict, impl: str, device):
+    import torch
+    import torch.nn.functional as F
+    from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+    m = model_config(spec)
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(spec["seed"])
+    with torch.device(device):
+        model = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(
+            hf_thinker_config(m, impl), dtype=torch.bfloat16 if on_gpu else torch.float32,
+            attn_implementation="sdpa", experts_implementation=impl)
+    with torch.no_grad():  # explicit init: no parameter left as torch.empty
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, m.init_std)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                  fused=on_gpu, foreach=None if on_gpu else True)
+    batches = iter(make_batches(spec, m.vocab_size, spec["warmup"] + spec["steps"] + 1, device))
+
+    def step() -> float:
+        batch = next(batches)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
+        optimizer.step()
+        return loss.item()
+
+    # The LM's parameters (tower modules sit at thinker.* in some transformers versions, model.* in others)
+    lm = sum(p.numel() for n, p in model.named_parameters() if "audio_tower." not in n and "visual." not in n)
+    info = dict(parameters=lm, experts_implementation=model.config.text_config._experts_implementation,
+                attn_implementation=model.config.text_config._attn_implementation, optimizer="AdamW(fused)")
+    return step, info
+
+
+def _peak_gib(device) -> float:
+    import torch
+
+    from omni_train.metrics import peak_memory_gib
+
+    return peak_memory_gib(device) if device.type != "cuda" else torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def time_steps(step, spec: dict, device) -> dict:
+    """Warm-up steps, then ``steps`` timed ones, each between two device synchronisations."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    losses = [step() for _ in range(spec["warmup"])]
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        losses.append(step())
+        sync()
+        times.append(time.perf_counter() - start)
+    return dict(step_times_s=times, losses=losses, peak_memory_gib=_peak_gib(device))
+
+
+def profile_step(step, device, top: int = 15) -> dict:
+    """One more step under torch.profiler. On GPU: the device kernels' total time and launch count against
+    the step's wall time, the top kernels by time, and the top operators by the device time of the kernels
+    they launch themselves (self); on CPU, operators by self CPU time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if on_gpu:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+
+    def ranked(selected):
+        selected = sorted(selected, key=lambda e: getattr(e, key), reverse=True)[:top]
+        return [dict(name=e.key[:100], calls=e.count, self_s=getattr(e, key) / 1e6) for e in selected]
+
+    # Device-side ranges such as "Optimizer.step#AdamW.step" are annotations around kernels, not kernels;
+    # "Command Buffer Full" marks the host waiting for room in the launch queue (the GPU is behind).
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and "#" not in e.key]
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.key != "Command Buffer Full"]
+    queue_full = sum(e.count for e in events if e.key == "Command Buffer Full")
+    out = dict(wall_s=wall, launch_queue_full=queue_full, top_ops=ranked(ops))
+    if on_gpu:
+        out.update(kernel_time_s=sum(e.self_device_time_total for e in kernels) / 1e6,
+                   kernel_launches=sum(e.count for e in kernels), top_kernels=ranked(kernels))
+    return out
+
+
+def worker(variant: str, spec: dict, result_path: Path) -> None:
+    import logging
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    t0 = time.perf_counter()
+    if variant == "ours":
+        step, info = build_ours(spec, device)
+    else:
+        step, info = build_hf(spec, variant.removeprefix("hf_"), device)
+    build_s = time.perf_counter() - t0
+    print(f"[{variant}] built in {build_s:.1f}s: {info}", flush=True)
+    result = dict(variant=variant, status="ok", build_s=build_s, **info, **time_steps(step, spec, device),
+                  device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  versions=_versions())
+    result_path.write_text(json.dumps(result))  # before profiling: a profiler stall loses nothing
+    print(f"[{variant}] step times {[round(t, 4) for t in result['step_times_s']]} s, "
+          f"losses {[round(x, 4) for x in result['losses']]}", flush=True)
+    if variant in spec["profile"]:
+        result["profile"] = profile_step(step, device)
+        result_path.write_text(json.dumps(result))
+        prof = result["profile"]
+        print(f"[{variant}] profiled step: wall {prof['wall_s']:.3f}s, kernels {prof.get('kernel_time_s', 0):.3f}s "
+              f"in {prof.get('kernel_launches', 0)} launches", flush=True)
+        for row in prof.get("top_kernels", [])[:8] + prof["top_ops"][:10]:
+            print(f"[{variant}] {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']}", flush=True)
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    out = dict(torch=torch.__version__, transformers=transformers.__version__)
+    try:
+        import megatron.core
+
+        out["megatron_core"] = megatron.core.__version__
+    except ImportError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent side: one subprocess per variant, then the figures, a table and the JSON.
+
+
+def figures(result: dict, spec: dict, flops_per_token: float, peak_flops) -> dict:
+    """tokens/s, TFLOP/s and MFU from the timed steps' mean step time."""
+    step_s = sum(result["step_times_s"]) / len(result["step_times_s"])
+    tokens_per_s = spec["micro_batch"] * spec["seq_length"] / step_s
+    tflops = tokens_per_s * flops_per_token / 1e12
+    return dict(step_s=step_s, tokens_per_s=tokens_per_s, tflops=tflops,
+                mfu=tflops * 1e12 / peak_flops if peak_flops else None)
+
+
+def run_variant(variant: str, spec: dict, timeout: float, log_path: Path) -> dict:
+    """Run one variant in a fresh interpreter; its output goes to ``log_path``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant,
+               "--spec", json.dumps(spec), "--result", str(result_path)]
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            try:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+                status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            except subprocess.TimeoutExpired:
+                status = f"timeout ({timeout:.0f}s)"
+        result = json.loads(result_path.read_text()) if result_path.exists() else dict(variant=variant)
+    result["wall_s"] = time.perf_counter() - start
+    if status != "ok":  # a result written before a failure (e.g. during profiling) still counts
+        result["status"] = status if "step_times_s" not in result else f"ok, then {status}"
+        tail = log_path.read_text(errors="replace").splitlines()[-12:]
+        result["log_tail"] = tail
+        print(f"[{variant}] {status}; last lines of {log_path}:", *tail, sep="\n  ", flush=True)
+    return result
+
+
+def _fmt(value, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def table(report: dict) -> str:
+    head = ["variant", "status", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "step ms", "loss first->last"]
+    rows = []
+    for r in report["results"]:
+        f = r.get("figures", {})
+        losses = r.get("losses") or []
+        mfu = f"{100 * f['mfu']:.2f}%" if f.get("mfu") else "-"
+        step_ms = _fmt(f["step_s"] * 1e3, ".1f") if f else "-"
+        rows.append([r["variant"], r.get("status", "?"), _fmt(f.get("tokens_per_s"), ",.0f"),
+                     _fmt(f.get("tflops"), ".1f"), mfu, _fmt(r.get("peak_memory_gib"), ".1f"), step_ms,
+                     f"{losses[0]:.3f}->{losses[-1]:.3f}" if losses else "-"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |" for row in [head] + rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for name, ratio in report["ratios"].items():
+        lines.append(f"tokens/s ratio {name}: {ratio:.3f}")
+    return "\n".join(lines)
+
+
+def run_all(args) -> dict:
+    from omni_train.metrics import flops_per_token
+
+    spec = dict(tiny=args.tiny, layers=args.layers, seq_length=args.seq_length, micro_batch=args.micro_batch,
+                steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile)
+    m = model_config(spec)
+    fpt = flops_per_token(m, args.seq_length)
+    peak = _peak_flops_of_visible_gpu()
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="thinker_throughput_logs_"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results, start = [], time.perf_counter()
+    for variant in args.which:
+        left = args.deadline - (time.perf_counter() - start) if args.deadline else math.inf
+        timeout = min(args.timeouts.get(variant, TIMEOUTS[variant]), left)
+        if left < 15:  # too little of the deadline left to even import and build
+            results.append(dict(variant=variant, status="skipped (deadline)"))
+            continue
+        print(f"== {variant} (timeout {timeout:.0f}s)", flush=True)
+        r = run_variant(variant, spec, timeout, log_dir / f"thinker_throughput_{variant}.log")
+        if r.get("step_times_s"):
+            r["figures"] = figures(r, spec, fpt, peak)
+        results.append(r)
+    ours = next((r for r in results if r["variant"] == "ours" and "figures" in r), None)
+    ratios = {f"ours/{r['variant']}": ours["figures"]["tokens_per_s"] / r["figures"]["tokens_per_s"]
+              for r in results if ours and r is not ours and "figures" in r}
+    return dict(date=time.strftime("%Y-%m-%d"), spec=spec, model=model_fields(spec), flops_per_token=fpt,
+                peak_flops=peak, tokens_per_step=args.micro_batch * args.seq_length, results=results,
+                ratios=ratios)
+
+
+def _peak_flops_of_visible_gpu():
+    import torch
+
+    from omni_train.metrics import device_peak_flops
+
+    return device_peak_flops() if torch.cuda.is_available() else None
+
+
+def _timeouts(text: str) -> dict:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, seconds = item.split("=")
+        out[name] = float(seconds)
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--which", default="ours,hf_grouped_mm,hf_eager",
+                   type=lambda s: [v for v in s.split(",") if v])
+    p.add_argument("--tiny", action="store_true", help="hidden 64, 8 experts, vocab 512 (CPU tests)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--profile", default="", type=lambda s: [v for v in s.split(",") if v],
+                   help="variants that also profile one extra step (top kernels by device time)")
+    p.add_argument("--timeouts", default="", type=_timeouts, help="e.g. ours=150,hf_eager=120")
+    p.add_argument("--deadline", type=float, default=None, help="seconds for all variants together")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--log-dir", default=None, help="one log per variant (default: a temp dir)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = [v for v in args.which + args.profile if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        worker(args.worker, json.loads(args.spec), Path(args.result))
+        return 0
+    report = run_all(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(f"flops/token {report['flops_per_token'] / 1e9:.3f} G, tokens/step {report['tokens_per_step']}, "
+          f"peak {_fmt(report['peak_flops'] and report['peak_flops'] / 1e12, '.0f')} TFLOP/s")
+    print(table(report), flush=True)
+    return 0 if all(r.get("status") == "ok" for r in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import subprocess
 import sys
@@ -326,7 +327,11 @@ def run_variant(variant: str, spec: dict, timeout: float, log_path: Path) -> dic
         start = time.perf_counter()
         with open(log_path, "w") as log:
             try:
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+                # a world of one: the worker picks its own free port (an inherited MASTER_PORT may be taken)
+                env = {k: v for k, v in os.environ.items()
+                       if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO,
+                                      env=env)
                 status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
             except subprocess.TimeoutExpired:
                 status = f"timeout ({timeout:.0f}s)"

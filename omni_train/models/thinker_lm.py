@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models.attention import SDPAttention
@@ -181,6 +181,9 @@ def build_thinker_lm(
     # megatron keeps one process-wide tracker of per-layer aux losses, sized by the first model that
     # logged into it; a second model with more layers in the same process would index past its end.
     get_moe_layer_wise_logging_tracker().clear()
+    # ... and one process-wide aux-loss gradient scale, whose shape the first training step fixes
+    # (a later model's step fails to copy a [1] scale into a [] one left by another code path).
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     config = build_transformer_config(
         model_cfg,
         parallel_cfg,

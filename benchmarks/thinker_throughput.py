@@ -134,17 +134,10 @@ def hf_thinker_config(m, impl: str):
     input, hence no gradient and no optimizer state)."""
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
 
-    text = dict(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
-        head_dim=m.head_dim, moe_intermediate_size=m.moe_ffn_hidden_size, num_experts=m.num_experts,
-        num_experts_per_tok=m.router_topk, norm_topk_prob=True, tie_word_embeddings=False,
-        rms_norm_eps=m.rms_norm_eps, decoder_sparse_step=1, mlp_only_layers=[], use_cache=False,
-        output_router_logits=False, router_aux_loss_coef=0.0, initializer_range=m.init_std,
-        max_position_embeddings=m.max_position_embeddings,
-        rope_parameters=dict(rope_type="default", rope_theta=m.rope_theta,
-                             mrope_section=list(m.mrope_section), interleaved=True),
-    )
+    from omni_train.models.thinker_lm_bridge import hf_text_config
+
+    # the LM of our sizes (the bridge's mapping); no cache, no router logits, no aux loss in training
+    text = dict(hf_text_config(m), use_cache=False, output_router_logits=False, router_aux_loss_coef=0.0)
     top = m.vocab_size - 1  # placeholder ids: never fed (text-only), must be < vocab
     return Qwen3OmniMoeThinkerConfig(
         text_config=text,

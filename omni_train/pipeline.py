@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 from omegaconf import DictConfig
 
 from omni_train.checkpoint.manager import checkpoint_step, latest_checkpoint
 from omni_train.config import ConfigError, compose, validate_config
+from omni_train.launch import launched_world
 
 # Keys the pipeline sets for each stage itself; the user's values for them are the pipeline's own.
 PIPELINE_KEYS = ("recipe", "run_dir", "init_from", "pipeline")
@@ -71,31 +73,24 @@ def plan(cfg: DictConfig, argv: List[str]) -> List[PlannedStage]:
     """Compose and validate every stage (ConfigError names the stage and key)."""
     root, shared, stages = Path(cfg.run_dir), _forwarded(argv), []
     for i, entry in enumerate(cfg.pipeline.stages):
-        overrides = [f"recipe={entry.recipe}", *entry.overrides, *shared]
         try:
-            stage_cfg = compose(overrides)
+            stage_cfg = compose([f"recipe={entry.recipe}", *entry.overrides, *shared])
             name = stage_cfg.stage.name
-            init_from = f"stage:{stages[-1].name}" if stages else cfg.init_from
-            overrides += [f"run_dir={root / name}", f"init_from={init_from if init_from else 'null'}"]
-            stage_cfg = compose(overrides)
+            # where it runs and starts from: the pipeline's, whatever the stage recipe says
+            stage_cfg.run_dir = str(root / name)
+            stage_cfg.init_from = f"stage:{stages[-1].name}" if stages else cfg.init_from
             if stage_cfg.launcher.name == "slurm":
                 raise ConfigError("launcher", "a pipeline runs its stages one after another on this machine; "
                                   "under SLURM submit each stage recipe, or run the pipeline inside an allocation "
                                   "with launcher=torchrun")
-            from omni_train.launch import launched_world
-
             validate_config(stage_cfg, world_size=launched_world(stage_cfg) or 1,
-                            cuda_available=_cuda_available())
+                            cuda_available=torch.cuda.is_available())
         except ConfigError as exc:
             raise ConfigError(f"pipeline.stages[{i}] ({entry.recipe}): {exc.key}", exc.problem) from exc
+        overrides = [f"recipe={entry.recipe}", *entry.overrides, *shared, f"run_dir={stage_cfg.run_dir}",
+                     f"init_from={stage_cfg.init_from or 'null'}"]
         stages.append(PlannedStage(name, overrides, root / name, int(stage_cfg.trainer.max_steps)))
     return stages
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run_stage(stage: PlannedStage) -> None:

@@ -8,15 +8,11 @@ import sys
 
 import pytest
 import torch
-from transformers import Qwen3OmniMoeForConditionalGeneration
 
 from cli import REPO, _env, metrics, omni_train
-from omni_train.checkpoint.manager import latest_checkpoint, load_model_weights
-from omni_train.config.schema import ParallelConfig
+from omni_train.checkpoint.manager import latest_checkpoint
 from omni_train.export.hf_io import HFReader
-from omni_train.models.thinker_lm import build_thinker_lm
-from omni_train.models.thinker_lm_bridge import model_config_from_hf
-from tests.parity.test_convert import tiny_omni_model
+from tests.parity.test_convert import assert_export_gives_our_logits, tiny_omni_model
 
 # conf/model overrides giving the tiny HF thinker's text sizes (tests/parity/test_convert.py)
 MODEL = ["model.vocab_size=128", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
@@ -53,14 +49,4 @@ def test_train_export_reload(megatron_world1, hf_dir, tmp_path):
     assert json.loads((tmp_path / "exported" / "config.json").read_text()) == json.loads(
         (hf_dir / "config.json").read_text())
 
-    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text())["thinker_config"]["text_config"])
-    ours = build_thinker_lm(cfg, ParallelConfig(), device="cpu", params_dtype=torch.float32)
-    load_model_weights(latest_checkpoint(run_dir / "checkpoints"), ours)
-    reloaded = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tmp_path / "exported",
-                                                                    local_files_only=True).eval()
-    input_ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(12).expand(2, 12)
-    with torch.no_grad():
-        ref = reloaded.thinker(input_ids=input_ids, position_ids=positions.expand(3, -1, -1)).logits
-        got = ours.eval()(input_ids, positions, None)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert_export_gives_our_logits(tmp_path / "exported", latest_checkpoint(run_dir / "checkpoints"))

@@ -103,11 +103,16 @@ def test_round_trip_world1_and_logits(megatron_world1, hf_dir, tmp_path):
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     assert_identical(out, hf_dir)
 
-    config = json.loads((hf_dir / "config.json").read_text())
+    assert_export_gives_our_logits(out, ckpt)
+
+
+def assert_export_gives_our_logits(export_dir, ckpt) -> None:
+    """transformers' thinker loaded from `export_dir` gives the logits of our LM loaded from `ckpt`."""
+    config = json.loads((export_dir / "config.json").read_text())
     cfg = model_config_from_hf(config["thinker_config"]["text_config"])
     ours = build_thinker_lm(cfg, ParallelConfig(), device="cpu", params_dtype=torch.float32)
     load_model_weights(ckpt, ours)
-    reloaded = Qwen3OmniMoeForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+    reloaded = Qwen3OmniMoeForConditionalGeneration.from_pretrained(export_dir, local_files_only=True).eval()
     reloaded.thinker.config.text_config._attn_implementation = "eager"
     input_ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(12).expand(2, 12)

@@ -34,7 +34,7 @@ from omni_train.metrics import MetricsLogger, Throughput, peak_memory_gib
 from omni_train.models.moe_load import ExpertLoadTracker
 from omni_train.parallel.context_parallel import split_for_context_parallel
 from omni_train.parallel.setup import ParallelEnv
-from omni_train.parallel.wrap import build_optimizer, build_scheduler, wrap_data_parallel
+from omni_train.parallel.wrap import build_optimizer, build_scheduler, use_fused_adamw, wrap_data_parallel
 from omni_train.resilience import NonFiniteGuard, Preempted, Preemption, explain_collective_failures
 from omni_train.stages import Phase, Stage, apply_trainable, load_stage, phase_at, phase_plan
 
@@ -104,7 +104,8 @@ class Trainer:
         self._say(f"stage {label}: {counts['trainable']:,} trainable, {counts['frozen']:,} frozen parameters "
                   f"on rank 0")
         self.phase = phase
-        self.model = wrap_data_parallel(model, cfg.parallel, env.on_gpu)
+        self.model = wrap_data_parallel(model, cfg.parallel, env.on_gpu,
+                                        fp32_grads=cfg.optim.master_weights or not self.bf16)
         self.optimizer = build_optimizer(cfg.optim, self.model, cfg.parallel, self.bf16, env.on_gpu)
         self.scheduler = build_scheduler(cfg.optim, cfg.trainer, self.optimizer)
         self._connect_schedule()
@@ -126,6 +127,7 @@ class Trainer:
             same_phase = step == 0 or phase_at(self.plan, step - 1) is self.phase
             state = self.checkpoints.load(latest, self.model, self.optimizer if same_phase else None,
                                           self.scheduler, self.data)
+            use_fused_adamw(self.optimizer)
             self._say(f"resumed from {latest} at step {state.step}")
             return state
         if self.cfg.init_from:

@@ -72,6 +72,9 @@ class ModelConfig:
     load_balancing: str = "aux_loss"
     aux_loss_coeff: float = 1e-3
     expert_bias_update_rate: float = 1e-3
+    # Routed experts' kernels: "grouped" (one torch._grouped_mm per projection for all local experts) or
+    # "sequential" (megatron's SequentialMLP, one matmul pair per expert). Same parameters and checkpoints.
+    experts_impl: str = "grouped"
     # Audio and vision towers in front of the LM (stage multimodal_pretrain). Replicated on every rank:
     # tp = pp = cp = 1 only.
     towers: bool = False
@@ -108,6 +111,10 @@ class OptimConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 10
     lr_decay: str = "cosine"  # "cosine" | "linear" | "constant"
+    # bf16 training keeps fp32 main params, fp32 grads and fp32 AdamW moments (18 bytes per parameter).
+    # false: AdamW updates the bf16 parameters directly from bf16 grads with bf16 moments (8 bytes per
+    # parameter), as transformers + torch.optim.AdamW do; small updates can be lost to bf16 rounding.
+    master_weights: bool = True
 
 
 @dataclass

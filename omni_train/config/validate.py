@@ -21,6 +21,7 @@ CHOICES = {
     "logger.name": ("none", "wandb"),
     "logger.mode": ("offline", "online", "disabled"),
     "model.load_balancing": ("aux_loss", "expert_bias"),
+    "model.experts_impl": ("grouped", "sequential"),
     "data.name": ("synthetic_text", "shards"),
     "data.weight_by": ("samples", "tokens"),
     "data.overlong": ("split", "drop"),
@@ -59,6 +60,9 @@ def _check_values(cfg: DictConfig) -> None:
              f"{cfg.optim.warmup_steps} must be >= 0 and < trainer.max_steps={cfg.trainer.max_steps}")
     _require(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr",
              f"{cfg.optim.min_lr} must be between 0 and optim.lr={cfg.optim.lr}")
+    _require(cfg.optim.master_weights or not cfg.parallel.distributed_optimizer, "optim.master_weights",
+             "false needs parallel.distributed_optimizer=false (megatron's distributed optimizer keeps fp32 "
+             "main params)")
     _require(cfg.trainer.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips",
              f"must be >= 0, got {cfg.trainer.max_nonfinite_skips}")
     stop = cfg.trainer.stop_at_step

@@ -7,7 +7,7 @@ Model states (megatron-core DDP + distributed optimizer, as ``omni_train/paralle
   * gradients: megatron's contiguous grad buffer, fp32 (``grad_reduce_in_fp32``), trainable only, not
     sharded (the distributed optimizer reduce-scatters into it);
   * optimizer: fp32 master weights + Adam's two moments = 12 bytes per trainable parameter (8 when the
-    parameters are fp32 already), sharded by the distributed optimizer: dense parameters over the
+    parameters are fp32 already; with optim.master_weights=false bf16 moments, 4 bytes, and bf16 grads), sharded by the distributed optimizer: dense parameters over the
     data-parallel x context-parallel group (world / (tp * pp)), expert parameters over the
     expert-data-parallel group (world / (expert tp * ep * pp), expert tp = tp). Frozen parameters have
     neither gradients nor optimizer state; with phases, each phase is estimated with its own trainable set
@@ -209,19 +209,24 @@ def _tower_items(model: ModelConfig, tokens: int, act: int, checkpointed: bool,
 
 
 def _state_items(params: List[RankParam], trains, layout: Layout, trainer: TrainerConfig,
-                 distributed_optimizer: bool) -> List[MemoryItem]:
+                 distributed_optimizer: bool, master_weights: bool = True) -> List[MemoryItem]:
     pbytes = _param_bytes(trainer)
     held = sum(p.numel for p in params)
     dense = sum(p.numel for p in params if trains(p.name) and not p.expert)
     expert = sum(p.numel for p in params if trains(p.name) and p.expert)
-    per_param = FP32 * (2 if pbytes == FP32 else 3)  # (master weights +) Adam m and v
+    if pbytes == FP32 or master_weights:
+        per_param = FP32 * (2 if pbytes == FP32 else 3)  # (master weights +) Adam m and v
+        gbytes = FP32
+    else:  # optim.master_weights=false: bf16 grads and bf16 moments
+        per_param, gbytes = 2 * pbytes, pbytes
     dense_shards = layout.dense_shards if distributed_optimizer else 1
     expert_shards = layout.expert_shards if distributed_optimizer else 1
     optimizer = per_param * (math.ceil(dense / dense_shards) + math.ceil(expert / expert_shards))
     return [
         MemoryItem("parameters", pbytes * held,
                    f"{held:,} held, {held - dense - expert:,} of them frozen, {pbytes} bytes each"),
-        MemoryItem("gradients", FP32 * (dense + expert), f"fp32 grad buffer of {dense + expert:,} trainable"),
+        MemoryItem("gradients", gbytes * (dense + expert),
+                   f"{'fp32' if gbytes == FP32 else 'bf16'} grad buffer of {dense + expert:,} trainable"),
         MemoryItem("optimizer", optimizer,
                    f"{per_param} bytes x ({dense:,} dense / {dense_shards} + {expert:,} expert / "
                    f"{expert_shards})"),
@@ -272,9 +277,11 @@ def _activation_items(model: ModelConfig, parallel: ParallelConfig, trainer: Tra
 
 
 def estimate_memory(model: ModelConfig, parallel: ParallelConfig, trainer: TrainerConfig,
-                    stage: StageConfig, world_size: int, document_mask: bool) -> List[MemoryEstimate]:
+                    stage: StageConfig, world_size: int, document_mask: bool,
+                    master_weights: bool = True) -> List[MemoryEstimate]:
     """One estimate per phase of the stage (one if it has none), each on its most loaded pipeline stage.
-    ``document_mask``: the batches carry packed-document masks (data=shards)."""
+    ``document_mask``: the batches carry packed-document masks (data=shards). ``master_weights``:
+    optim.master_weights (false: bf16 grads and Adam moments, no fp32 main params)."""
     layout = Layout(world_size, parallel.tp, parallel.pp, parallel.ep, parallel.cp)
     if world_size < 1 or world_size % (parallel.tp * parallel.pp * parallel.cp) or world_size % (
             parallel.tp * parallel.pp * parallel.ep):
@@ -300,7 +307,8 @@ def estimate_memory(model: ModelConfig, parallel: ParallelConfig, trainer: Train
                 trainable=sum(p.numel for p in params if trains(p.name)),
                 frozen=sum(p.numel for p in params if not trains(p.name)),
             )
-            estimate.items += _state_items(params, trains, layout, trainer, parallel.distributed_optimizer)
+            estimate.items += _state_items(params, trains, layout, trainer, parallel.distributed_optimizer,
+                                            master_weights)
             estimate.items += _activation_items(
                 model, parallel, trainer, layers=model.num_layers // parallel.pp,
                 in_flight=min(parallel.pp - pp_stage, micro_batches), first=pp_stage == 0,

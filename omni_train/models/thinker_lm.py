@@ -1,7 +1,9 @@
 """Provider for the Thinker's MoE language model on megatron-core's GPTModel.
 
 sizes (ModelConfig) + layout (ParallelConfig) -> TransformerConfig -> local layer spec -> GPTModel.
-No Transformer Engine, no grouped GEMM (experts are megatron's SequentialMLP). The caller initializes
+No Transformer Engine: routed experts are omni_train.models.grouped_experts.GroupedExperts (torch's
+grouped GEMM, SequentialMLP's parameters and checkpoint layout) or, with ``model.experts_impl=sequential``,
+megatron's SequentialMLP itself. The caller initializes
 megatron's parallel_state; nothing here reads the environment or chooses parallel degrees.
 
 Forward contract (megatron's GPTModel):
@@ -30,9 +32,11 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_mo
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models.attention import SDPAttention
+from omni_train.models.grouped_experts import GroupedExperts
 from omni_train.models.rotary import InterleavedMRotaryEmbedding
 
 _LOAD_BALANCING = ("aux_loss", "expert_bias")
+EXPERTS_IMPLS = ("grouped", "sequential")
 
 
 def _aux_loss_coeff(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> float:
@@ -148,9 +152,11 @@ class RMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
 
-def _decoder_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
-    """megatron's local (no TE) MoE layer spec with our RMSNorm everywhere and SDPA core attention
-    (context-parallel capable), for this pipeline stage."""
+def _decoder_spec(config: TransformerConfig, experts_impl: str) -> TransformerBlockSubmodules:
+    """megatron's local (no TE) MoE layer spec with our RMSNorm everywhere, SDPA core attention
+    (context-parallel capable) and grouped-GEMM experts, for this pipeline stage."""
+    if experts_impl not in EXPERTS_IMPLS:
+        raise ValueError(f"model.experts_impl must be one of {EXPERTS_IMPLS}, got {experts_impl!r}")
     layer = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=False,
@@ -162,6 +168,8 @@ def _decoder_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
     layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    if experts_impl == "grouped":
+        layer.submodules.mlp.submodules.experts.module = GroupedExperts
     num_layers = get_num_layers_to_build(config)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
 
@@ -238,7 +246,7 @@ def recompute_layers(model: GPTModel) -> None:
 def _build_gpt_model(model_cfg: ModelConfig, config: TransformerConfig, pre_process, post_process):
     model = GPTModel(
         config=config,
-        transformer_layer_spec=_decoder_spec(config),
+        transformer_layer_spec=_decoder_spec(config, model_cfg.experts_impl),
         vocab_size=model_cfg.vocab_size,
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process,

@@ -236,29 +236,6 @@ def _patch_alltoall_split_sizes():
     token_dispatcher.maybe_move_tensor_to_cpu = _host_split_sizes
 
 
-def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """CPU version of clip_grads.clip_grad_by_total_norm_fp32: scale fp32 grads by
-    max_norm / total_norm when that is below 1 (upstream asserts grads are torch.cuda.FloatTensor)."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr, None) for p in parameters]
-    grads = [g.detach() for g in grads if g is not None]
-    for grad in grads:
-        assert grad.dtype in (torch.float32, torch.bfloat16), grad.dtype
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0:
-        for grad in grads:
-            grad.mul_(clip_coeff)
-
-
-def _patch_clip_grad():
-    from megatron.core.optimizer import clip_grads, optimizer
-
-    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
-
-
 def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
@@ -322,7 +299,6 @@ def apply_cpu_shim() -> None:
         return
     _install_torch_view()
     _patch_alltoall_split_sizes()
-    _patch_clip_grad()
     _patch_rng_tracker()
     _patch_compiled_expert_bias()
     _APPLIED = True

@@ -1,9 +1,13 @@
 """What megatron-core 0.16.1 needs when Transformer Engine is not installed (on CPU and on GPU alike).
 
-Not a CPU accommodation: the GPU machines' image has no Transformer Engine either.
+Not a CPU accommodation: the GPU machines' image has no Transformer Engine either (nor Apex).
 """
 
 from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
 
 
 def apply_without_te() -> None:
@@ -14,3 +18,60 @@ def apply_without_te() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    _multi_tensor_ops()
+
+
+def foreach_l2_norm(chunk_size: int, noop_flag, tensor_lists: Sequence[List[torch.Tensor]], per_tensor: bool,
+                    *args) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Drop-in for Apex's ``multi_tensor_l2norm`` (as megatron calls it through ``multi_tensor_applier``):
+    the fp32 L2 norm of all tensors together, as a [1] tensor on their device.
+
+    megatron's own fallback computes one norm per tensor, gathers them into a host tensor (a device sync
+    per parameter) and returns a fresh CUDA tensor: ~1,000 kernel launches and as many syncs per step at
+    the size of the 30B Thinker. ``torch._foreach_norm`` does it in a few multi-tensor kernels."""
+    tensors = tensor_lists[0]
+    norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
+    total = torch.linalg.vector_norm(torch.stack(norms)).reshape(1)
+    return total, (torch.stack(norms) if per_tensor else None)
+
+
+def foreach_scale(chunk_size: int, noop_flag, tensor_lists: Sequence[List[torch.Tensor]], scale: float) -> None:
+    """Drop-in for Apex's ``multi_tensor_scale``: ``dst = src * scale`` for each pair, in multi-tensor
+    kernels (megatron's fallback runs one multiply and one copy per tensor)."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, src)  # casts, e.g. fp32 main params into bf16 model params
+        if scale != 1.0:
+            torch._foreach_mul_(dst, scale)
+
+
+def clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False) -> None:
+    """megatron's ``clip_grad_by_total_norm_fp32`` for fp32 or bf16 grads on any device: scale every grad
+    by max_norm / total_norm when that is below 1, in one multi-tensor multiply. (Upstream asserts the grads
+    are ``torch.cuda.FloatTensor``, which rules out the CPU and bf16 grads without fp32 main params.)"""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [g.detach() for g in (getattr(p, attr, None) for p in parameters) if g is not None]
+    for grad in grads:
+        if grad.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"gradient clipping expects fp32 or bf16 grads, got {grad.dtype}")
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _multi_tensor_ops() -> None:
+    """Without Apex or TE, megatron's optimizer and gradient clipping fall back to per-tensor loops with a
+    host sync per parameter (megatron.core.utils.local_multi_tensor_*); use torch's multi-tensor ops."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    if clip_grads.l2_norm_impl.__module__ == "megatron.core.utils":
+        clip_grads.l2_norm_impl = foreach_l2_norm
+    for module in (clip_grads, optimizer):
+        if module.multi_tensor_scale_impl.__module__ == "megatron.core.utils":
+            module.multi_tensor_scale_impl = foreach_scale
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm

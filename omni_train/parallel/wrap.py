@@ -10,14 +10,16 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from omni_train.config import OptimConfig, ParallelConfig, TrainerConfig
 
 
-def wrap_data_parallel(model, parallel: ParallelConfig, on_gpu: bool) -> DistributedDataParallel:
-    """megatron-core DDP: contiguous fp32 grad buffers, grads reduced once per optimizer step.
+def wrap_data_parallel(model, parallel: ParallelConfig, on_gpu: bool,
+                       fp32_grads: bool = True) -> DistributedDataParallel:
+    """megatron-core DDP: contiguous grad buffers (fp32, or the parameters' dtype with
+    ``fp32_grads=False``), grads reduced once per optimizer step.
 
     The distributed optimizer (grads reduce-scattered, optimizer state sharded over data parallel
     ranks) is used on GPU; megatron's implementation of it needs CUDA tensors.
     """
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=fp32_grads,
         overlap_grad_reduce=False,
         use_distributed_optimizer=on_gpu and parallel.distributed_optimizer,
         check_for_nan_in_grad=False,
@@ -27,7 +29,12 @@ def wrap_data_parallel(model, parallel: ParallelConfig, on_gpu: bool) -> Distrib
 
 def build_optimizer(cfg: OptimConfig, model: DistributedDataParallel, parallel: ParallelConfig,
                     bf16: bool, on_gpu: bool):
-    """AdamW through megatron-core (decoupled weight decay), with gradient clipping."""
+    """AdamW through megatron-core (decoupled weight decay), with gradient clipping, torch's fused kernel.
+
+    bf16 parameters get fp32 main params and fp32 moments (megatron's mixed-precision optimizer) unless
+    ``optim.master_weights`` is false: then AdamW updates the bf16 parameters in place from bf16 grads with
+    bf16 moments (8 bytes per parameter instead of 18), as transformers + torch.optim.AdamW train.
+    """
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
@@ -37,11 +44,35 @@ def build_optimizer(cfg: OptimConfig, model: DistributedDataParallel, parallel: 
         adam_beta2=cfg.beta2,
         adam_eps=cfg.eps,
         clip_grad=cfg.clip_grad,
-        bf16=bf16,
+        bf16=bf16 and cfg.master_weights,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=on_gpu and parallel.distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, [model])
+    optimizer = get_megatron_optimizer(opt_config, [model])
+    use_fused_adamw(optimizer)
+    return optimizer
+
+
+def _torch_optimizers(optimizer):
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(inner, "optimizer", None) is not None:
+            yield inner.optimizer
+
+
+def use_fused_adamw(optimizer) -> None:
+    """Switch the torch AdamW inside megatron's optimizer to torch's fused kernel (one multi-tensor kernel
+    per step, on CPU and GPU) and move any loaded step counts to the parameters' device, as the fused kernel
+    wants them. Without Apex or TE megatron builds torch.optim.AdamW with its default, the foreach path
+    (about 10 passes over the optimizer state). Call again after loading optimizer state."""
+    for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(param.device)
 
 
 def build_scheduler(cfg: OptimConfig, trainer: TrainerConfig, optimizer) -> OptimizerParamScheduler:

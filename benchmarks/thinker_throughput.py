@@ -22,6 +22,24 @@ token are ``omni_train.metrics.flops_per_token`` (Megatron's MoE formula) for bo
 ``omni_train.metrics.device_peak_flops`` (989 TFLOP/s on H100 and H200). tokens/s = micro_batch *
 seq_length / mean step time over the timed steps (device synchronised around each step). Peak memory:
 ``torch.cuda.max_memory_allocated`` over the timed steps (max RSS of the process on CPU).
+
+Variants on the same text batches and LM sizes:
+
+- ``ours_bf16``: ``ours`` with ``optim.master_weights=false parallel.distributed_optimizer=false``
+  (bf16 parameters, gradients and AdamW moments, as on the transformers side).
+
+The omni variants add audio and image tokens through the towers (benchmarks/omni_media_batches.py):
+every sequence holds one audio clip of ``--audio-frames`` log-mel frames and one square image of
+``--image-size`` pixels, the rest text, at the same sequence length and micro-batch. Towers: the real
+30B-A3B ones (conf/model/qwen3_omni_30b_a3b.yaml), or conf/model/tiny_omni.yaml's with ``--tiny``.
+
+- ``ours_omni``: the trainer with stage multimodal_pretrain (towers + LM all trained), fed the
+  benchmark's batches in the packed-batch format; ``--ours-master-weights false`` as ``ours_bf16``.
+- ``hf_omni_grouped_mm``: transformers' Thinker with the same towers, same tokens, position ids and media.
+
+They also report ``lm_mfu`` (LM FLOPs only: ``flops_per_token`` on every token, placeholders included)
+and ``total_mfu`` (LM + tower FLOPs: ``omni_train.metrics.audio_tower_flops`` per clip and
+``vision_tower_flops`` per image, counted separately), and the tower FLOPs per step.
 """
 
 from __future__ import annotations
@@ -39,8 +57,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("ours", "hf_grouped_mm", "hf_batched_mm", "hf_eager")
-TIMEOUTS = {"ours": 150, "hf_grouped_mm": 90, "hf_batched_mm": 90, "hf_eager": 120}
+VARIANTS = ("ours", "ours_bf16", "ours_omni", "hf_grouped_mm", "hf_batched_mm", "hf_eager", "hf_omni_grouped_mm")
+OMNI = ("ours_omni", "hf_omni_grouped_mm")  # with audio and image inputs through the towers
+TIMEOUTS = {"ours": 150, "ours_bf16": 150, "ours_omni": 240, "hf_grouped_mm": 90, "hf_batched_mm": 90,
+            "hf_eager": 120, "hf_omni_grouped_mm": 180}
+# Media per sequence in the omni variants: (mel frames, image pixels per side) with and without --tiny
+MEDIA = {True: (100, 64), False: (3000, 640)}  # tiny: 1 s, 4 placeholders; full: 30 s, 640 px (390 + 400)
 # The real 30B-A3B Thinker's LM width (conf/model/qwen3_omni_30b_a3b.yaml); depth from --layers.
 PROXY = dict(vocab_size=152064, hidden_size=2048, num_attention_heads=32, num_query_groups=4, head_dim=128,
              num_experts=128, router_topk=8, moe_ffn_hidden_size=768, mrope_section=[24, 20, 20])
@@ -59,6 +81,24 @@ def model_config(spec: dict):
     from omni_train.config.schema import ModelConfig
 
     return ModelConfig(**model_fields(spec))
+
+
+def lm_overrides(spec: dict) -> list:
+    return [f"model.{k}={v}" for k, v in model_fields(spec).items() if k != "flavor"]
+
+
+def omni_flavor(spec: dict) -> str:
+    return "tiny_omni" if spec["tiny"] else "qwen3_omni_30b_a3b"
+
+
+def omni_model_config(spec: dict):
+    """model_config(spec)'s LM with the towers of the omni flavor (sizes from its conf/model yaml)."""
+    from omegaconf import OmegaConf
+
+    from omni_train.config import compose
+
+    composed = compose([f"model={omni_flavor(spec)}", "model.towers=true", *lm_overrides(spec)])
+    return OmegaConf.to_object(composed).model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,47 +137,78 @@ class FixedBatches:
         return {}
 
 
-def build_ours(spec: dict, device):
-    """The trainer as `omni-train` builds it (recipe text_pretrain), at the benchmark's sizes."""
+def ours_overrides(variant: str, spec: dict, on_gpu: bool, tokenizer=None) -> list:
+    """The Hydra overrides of an ``ours*`` variant: recipe text_pretrain at the benchmark's sizes; the
+    omni variant swaps in stage multimodal_pretrain and the towers' flavor."""
+    omni = variant in OMNI
+    flavor = omni_flavor(spec) if omni else ("tiny" if spec["tiny"] else "qwen3_omni_30b_a3b")
+    overrides = ["recipe=tiny/text_pretrain_gpu" if on_gpu else "recipe=tiny/text_pretrain",
+                 f"model={flavor}", "logger=none",
+                 f"trainer.seq_length={spec['seq_length']}", f"trainer.micro_batch_size={spec['micro_batch']}",
+                 f"trainer.global_batch_size={spec['micro_batch']}", "trainer.max_steps=1000",
+                 f"trainer.device={'cuda' if on_gpu else 'cpu'}",
+                 f"trainer.precision={'bf16' if on_gpu else 'fp32'}",
+                 f"trainer.seed={spec['seed']}", f"optim.lr={LR}", f"optim.clip_grad={CLIP}",
+                 "checkpoint.save_every=100000", "checkpoint.save_at_end=false",
+                 f"run_dir={tempfile.mkdtemp(prefix='thinker_throughput_')}", *lm_overrides(spec)]
+    if variant == "ours_bf16" or (omni and not spec.get("master_weights", True)):
+        overrides += ["optim.master_weights=false", "parallel.distributed_optimizer=false"]
+    if omni:  # the stage reads its placeholder ids from the tokenizer; its data source is replaced below
+        overrides += ["stage=multimodal_pretrain", "model.towers=true", f"data.tokenizer={tokenizer}"]
+    return overrides
+
+
+def _tower_parameters(model) -> int:
+    # tower modules are audio_tower.* / visual.* (thinker.* or model.* prefixes in some transformers versions)
+    return sum(p.numel() for n, p in model.named_parameters() if "audio_tower." in n or "visual." in n)
+
+
+def build_ours(variant: str, spec: dict, device):
+    """The trainer as `omni-train` builds it (recipe text_pretrain, or stage multimodal_pretrain for
+    ours_omni), at the benchmark's sizes, its data source replaced by the benchmark's batches."""
     from omegaconf import OmegaConf
 
     from omni_train.config import compose, validate_config
     from omni_train.loop import Trainer
     from omni_train.parallel.setup import init_parallel
+    from omni_train.stages import load_stage
+    from omni_media_batches import omni_batches, placeholder_ids  # benchmarks/, this script's folder
 
     on_gpu = device.type == "cuda"
-    fields = model_fields(spec)
-    overrides = ["recipe=tiny/text_pretrain_gpu" if on_gpu else "recipe=tiny/text_pretrain",
-                 "model=tiny" if spec["tiny"] else "model=qwen3_omni_30b_a3b", "logger=none",
-                 f"trainer.seq_length={spec['seq_length']}", f"trainer.micro_batch_size={spec['micro_batch']}",
-                 f"trainer.global_batch_size={spec['micro_batch']}", "trainer.max_steps=1000",
-                 f"trainer.device={device.type}", f"trainer.precision={'bf16' if on_gpu else 'fp32'}",
-                 f"trainer.seed={spec['seed']}", f"optim.lr={LR}", f"optim.clip_grad={CLIP}",
-                 "checkpoint.save_every=100000", "checkpoint.save_at_end=false",
-                 f"run_dir={tempfile.mkdtemp(prefix='thinker_throughput_')}"]
-    overrides += [f"model.{k}={v}" for k, v in fields.items() if k != "flavor"]
-    composed = compose(overrides)
+    omni = variant in OMNI
+    tokenizer, ids = placeholder_ids() if omni else (None, None)
+    composed = compose(ours_overrides(variant, spec, on_gpu, tokenizer))
     validate_config(composed, world_size=1, cuda_available=on_gpu)
     cfg = OmegaConf.to_object(composed)
+    count = spec["warmup"] + spec["steps"] + 1
+    batches = (omni_batches(spec, cfg.model, ids, count, device) if omni
+               else make_batches(spec, cfg.model.vocab_size, count, device))
+    # This process runs one variant: the stage's data source becomes the benchmark's batches.
+    load_stage(cfg.stage).build_data = lambda cfg, env: FixedBatches(batches)
     env = init_parallel(cfg.parallel, device, cfg.trainer.seed)
     trainer = Trainer(cfg, env, resolved={})
-    batches = make_batches(spec, cfg.model.vocab_size, spec["warmup"] + spec["steps"] + 1, device)
-    trainer.data = FixedBatches(batches)
     info = dict(parameters=sum(p.numel() for p in trainer.model.parameters()),
+                tower_parameters=_tower_parameters(trainer.model),
                 optimizer=type(trainer.optimizer).__name__, token_dispatcher=cfg.parallel.token_dispatcher,
-                distributed_optimizer=on_gpu and cfg.parallel.distributed_optimizer)
+                distributed_optimizer=on_gpu and cfg.parallel.distributed_optimizer,
+                master_weights=getattr(cfg.optim, "master_weights", True))
     return (lambda: trainer.train_step()["loss"]), info
 
 
-def hf_thinker_config(m, impl: str):
-    """transformers' thinker config for ModelConfig ``m``: text-only use, towers shrunk (they get no
-    input, hence no gradient and no optimizer state)."""
+def hf_thinker_config(m, impl: str, placeholder_ids=None):
+    """transformers' thinker config for ModelConfig ``m``. Text-only use (``placeholder_ids`` None): towers
+    shrunk (they get no input, hence no gradient and no optimizer state). Omni use: the towers of
+    ``m.audio_tower`` / ``m.vision_tower`` and the tokenizer's placeholder ids, as the stage builds them."""
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
 
     from omni_train.models.thinker_lm_bridge import hf_text_config
+    from omni_train.stages.multimodal_pretrain import hf_thinker_config as stage_towers
 
     # the LM of our sizes (the bridge's mapping); no cache, no router logits, no aux loss in training
     text = dict(hf_text_config(m), use_cache=False, output_router_logits=False, router_aux_loss_coef=0.0)
+    if placeholder_ids is not None:
+        return Qwen3OmniMoeThinkerConfig(text_config=text, **stage_towers(m, placeholder_ids),
+                                         tie_word_embeddings=False, experts_implementation=impl)
     top = m.vocab_size - 1  # placeholder ids: never fed (text-only), must be < vocab
     return Qwen3OmniMoeThinkerConfig(
         text_config=text,
@@ -150,43 +221,64 @@ def hf_thinker_config(m, impl: str):
     )
 
 
-def build_hf(spec: dict, impl: str, device):
+def build_hf(variant: str, spec: dict, device):
+    """transformers' Thinker: ``hf_<impl>`` text-only with shrunk towers, ``hf_omni_<impl>`` with the
+    omni flavor's towers on the omni batches."""
     import torch
     import torch.nn.functional as F
     from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
-    m = model_config(spec)
+    from omni_media_batches import hf_inputs, omni_batches, placeholder_ids
+
+    omni = variant in OMNI
+    impl = variant.removeprefix("hf_omni_" if omni else "hf_")
     on_gpu = device.type == "cuda"
+    count = spec["warmup"] + spec["steps"] + 1
+    if omni:
+        m = omni_model_config(spec)
+        _, ids = placeholder_ids()
+        config, batches = hf_thinker_config(m, impl, ids), omni_batches(spec, m, ids, count, device)
+    else:
+        m = model_config(spec)
+        config, batches = hf_thinker_config(m, impl), make_batches(spec, m.vocab_size, count, device)
     torch.manual_seed(spec["seed"])
     with torch.device(device):
         model = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(
-            hf_thinker_config(m, impl), dtype=torch.bfloat16 if on_gpu else torch.float32,
+            config, dtype=torch.bfloat16 if on_gpu else torch.float32,
             attn_implementation="sdpa", experts_implementation=impl)
     with torch.no_grad():  # explicit init: no parameter left as torch.empty
         for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.fill_(1.0)
+            if p.dim() == 1:  # norm weights 1, biases (towers) 0
+                p.fill_(1.0 if ("norm" in name or ".ln_" in name) and name.endswith("weight") else 0.0)
             else:
                 p.normal_(0.0, m.init_std)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=on_gpu, foreach=None if on_gpu else True)
-    batches = iter(make_batches(spec, m.vocab_size, spec["warmup"] + spec["steps"] + 1, device))
+    batches = iter(batches)
 
     def step() -> float:
         batch = next(batches)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        if omni:  # media collated and copied to the device each step, as the stage's forward does
+            inputs = hf_inputs(batch, device)
+            labels = inputs.pop("labels")
+        else:
+            inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+            labels = batch["labels"]
+        logits = model(**inputs, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
         optimizer.step()
         return loss.item()
 
-    # The LM's parameters (tower modules sit at thinker.* in some transformers versions, model.* in others)
-    lm = sum(p.numel() for n, p in model.named_parameters() if "audio_tower." not in n and "visual." not in n)
-    info = dict(parameters=lm, experts_implementation=model.config.text_config._experts_implementation,
+    towers = _tower_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    # text-only: the LM's parameters (the shrunk towers are not part of the compared model)
+    info = dict(parameters=total if omni else total - towers, tower_parameters=towers if omni else 0,
+                experts_implementation=model.config.text_config._experts_implementation,
                 attn_implementation=model.config.text_config._attn_implementation, optimizer="AdamW(fused)")
     return step, info
 
@@ -262,10 +354,10 @@ def worker(variant: str, spec: dict, result_path: Path) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
-    if variant == "ours":
-        step, info = build_ours(spec, device)
+    if variant.startswith("ours"):
+        step, info = build_ours(variant, spec, device)
     else:
-        step, info = build_hf(spec, variant.removeprefix("hf_"), device)
+        step, info = build_hf(variant, spec, device)
     build_s = time.perf_counter() - t0
     print(f"[{variant}] built in {build_s:.1f}s: {info}", flush=True)
     result = dict(variant=variant, status="ok", build_s=build_s, **info, **time_steps(step, spec, device),
@@ -302,13 +394,37 @@ def _versions() -> dict:
 # Parent side: one subprocess per variant, then the figures, a table and the JSON.
 
 
-def figures(result: dict, spec: dict, flops_per_token: float, peak_flops) -> dict:
-    """tokens/s, TFLOP/s and MFU from the timed steps' mean step time."""
+def figures(result: dict, spec: dict, flops_per_token: float, peak_flops, tower_flops_per_step=None) -> dict:
+    """tokens/s, TFLOP/s and MFU (the LM's FLOPs) from the timed steps' mean step time; with tower FLOPs
+    (omni variants) also the towers' TFLOP/s, LM + towers TFLOP/s, and LM-only and total MFU."""
     step_s = sum(result["step_times_s"]) / len(result["step_times_s"])
     tokens_per_s = spec["micro_batch"] * spec["seq_length"] / step_s
     tflops = tokens_per_s * flops_per_token / 1e12
-    return dict(step_s=step_s, tokens_per_s=tokens_per_s, tflops=tflops,
-                mfu=tflops * 1e12 / peak_flops if peak_flops else None)
+    out = dict(step_s=step_s, tokens_per_s=tokens_per_s, tflops=tflops,
+               mfu=tflops * 1e12 / peak_flops if peak_flops else None)
+    if tower_flops_per_step is not None:
+        tower_tflops = tower_flops_per_step / step_s / 1e12
+        total = tflops + tower_tflops
+        out.update(tower_tflops=tower_tflops, total_tflops=total, lm_mfu=out["mfu"],
+                   total_mfu=total * 1e12 / peak_flops if peak_flops else None)
+    return out
+
+
+def omni_inputs_report(spec: dict) -> dict:
+    """The omni variants' towers, media per sequence and tower training FLOPs (per sequence, per step)."""
+    from dataclasses import asdict
+
+    from omni_train.metrics import audio_tower_flops, vision_tower_flops
+    from omni_media_batches import media_layout
+
+    m = omni_model_config(spec)
+    media = media_layout(m, spec["audio_frames"], spec["image_size"])
+    audio = audio_tower_flops(m, media["audio_frames"])
+    vision = vision_tower_flops(m, media["image_grid_thw"])
+    b = spec["micro_batch"]
+    return dict(flavor=omni_flavor(spec), audio_tower=asdict(m.audio_tower), vision_tower=asdict(m.vision_tower),
+                media_per_sequence=media, audio_flops_per_sequence=audio, vision_flops_per_sequence=vision,
+                tower_flops_per_step=b * (audio + vision))
 
 
 def run_variant(variant: str, spec: dict, timeout: float, log_path: Path) -> dict:
@@ -342,16 +458,27 @@ def _fmt(value, pattern: str) -> str:
     return "-" if value is None else format(value, pattern)
 
 
+def _flops(value: float) -> str:
+    return f"{value / 1e12:.3f} TFLOP" if value >= 1e11 else f"{value / 1e9:.3f} GFLOP"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def table(report: dict) -> str:
-    head = ["variant", "status", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "step ms", "loss first->last"]
+    """One row per variant. TFLOP/s and MFU count the LM's FLOPs; the omni variants add the towers'
+    TFLOP/s and the total MFU (LM + towers)."""
+    head = ["variant", "status", "tokens/s", "TFLOP/s", "MFU", "tower TFLOP/s", "total MFU", "peak GiB", "step ms",
+            "loss first->last"]
     rows = []
     for r in report["results"]:
         f = r.get("figures", {})
         losses = r.get("losses") or []
-        mfu = f"{100 * f['mfu']:.2f}%" if f.get("mfu") else "-"
         step_ms = _fmt(f["step_s"] * 1e3, ".1f") if f else "-"
         rows.append([r["variant"], r.get("status", "?"), _fmt(f.get("tokens_per_s"), ",.0f"),
-                     _fmt(f.get("tflops"), ".1f"), mfu, _fmt(r.get("peak_memory_gib"), ".1f"), step_ms,
+                     _fmt(f.get("tflops"), ".1f"), _percent(f.get("mfu")), _fmt(f.get("tower_tflops"), ".2f"),
+                     _percent(f.get("total_mfu")), _fmt(r.get("peak_memory_gib"), ".1f"), step_ms,
                      f"{losses[0]:.3f}->{losses[-1]:.3f}" if losses else "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["| " + " | ".join(str(x).ljust(w) for x, w in zip(row, widths)) + " |" for row in [head] + rows]
@@ -364,11 +491,15 @@ def table(report: dict) -> str:
 def run_all(args) -> dict:
     from omni_train.metrics import flops_per_token
 
+    frames, size = MEDIA[args.tiny]
     spec = dict(tiny=args.tiny, layers=args.layers, seq_length=args.seq_length, micro_batch=args.micro_batch,
-                steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile)
+                steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile,
+                audio_frames=args.audio_frames or frames, image_size=args.image_size or size,
+                master_weights=args.ours_master_weights == "true")
     m = model_config(spec)
     fpt = flops_per_token(m, args.seq_length)
     peak = _peak_flops_of_visible_gpu()
+    omni = omni_inputs_report(spec) if any(v in OMNI for v in args.which) else None
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="thinker_throughput_logs_"))
     log_dir.mkdir(parents=True, exist_ok=True)
     results, start = [], time.perf_counter()
@@ -381,14 +512,18 @@ def run_all(args) -> dict:
         print(f"== {variant} (timeout {timeout:.0f}s)", flush=True)
         r = run_variant(variant, spec, timeout, log_dir / f"thinker_throughput_{variant}.log")
         if r.get("step_times_s"):
-            r["figures"] = figures(r, spec, fpt, peak)
+            r["figures"] = figures(r, spec, fpt, peak, omni["tower_flops_per_step"] if variant in OMNI else None)
         results.append(r)
-    ours = next((r for r in results if r["variant"] == "ours" and "figures" in r), None)
-    ratios = {f"ours/{r['variant']}": ours["figures"]["tokens_per_s"] / r["figures"]["tokens_per_s"]
-              for r in results if ours and r is not ours and "figures" in r}
     return dict(date=time.strftime("%Y-%m-%d"), spec=spec, model=model_fields(spec), flops_per_token=fpt,
-                peak_flops=peak, tokens_per_step=args.micro_batch * args.seq_length, results=results,
-                ratios=ratios)
+                peak_flops=peak, tokens_per_step=args.micro_batch * args.seq_length, omni=omni, results=results,
+                ratios=_ratios(results))
+
+
+def _ratios(results: list) -> dict:
+    """tokens/s of each ours* variant over each transformers variant on the same inputs (text or omni)."""
+    done = {r["variant"]: r["figures"]["tokens_per_s"] for r in results if "figures" in r}
+    return {f"{a}/{b}": done[a] / done[b] for a in done for b in done
+            if a.startswith("ours") and b.startswith("hf_") and (a in OMNI) == (b in OMNI)}
 
 
 def _peak_flops_of_visible_gpu():
@@ -416,7 +551,16 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--which", default="ours,hf_grouped_mm,hf_eager",
                    type=lambda s: [v for v in s.split(",") if v])
-    p.add_argument("--tiny", action="store_true", help="hidden 64, 8 experts, vocab 512 (CPU tests)")
+    p.add_argument("--tiny", action="store_true",
+                   help="hidden 64, 8 experts, vocab 512; omni variants: tiny_omni's towers (CPU tests)")
+    p.add_argument("--audio-frames", type=int, default=None,
+                   help=f"omni variants: log-mel frames of each sequence's audio clip (100 per second; default "
+                        f"{MEDIA[False][0]}, {MEDIA[True][0]} with --tiny)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"omni variants: pixels per side of each sequence's square image, a multiple of 32 "
+                        f"(default {MEDIA[False][1]}, {MEDIA[True][1]} with --tiny)")
+    p.add_argument("--ours-master-weights", choices=("true", "false"), default="true",
+                   help="ours_omni: fp32 master weights (true) or bf16 params/grads/moments as ours_bf16 (false)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--profile", default="", type=lambda s: [v for v in s.split(",") if v],
                    help="variants that also profile one extra step (top kernels by device time)")
@@ -445,6 +589,14 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(f"flops/token {report['flops_per_token'] / 1e9:.3f} G, tokens/step {report['tokens_per_step']}, "
           f"peak {_fmt(report['peak_flops'] and report['peak_flops'] / 1e12, '.0f')} TFLOP/s")
+    omni = report["omni"]
+    if omni:
+        media, lm = omni["media_per_sequence"], report["flops_per_token"] * report["tokens_per_step"]
+        print(f"omni ({omni['flavor']} towers): per sequence a {media['audio_frames']}-frame audio clip "
+              f"({media['audio_tokens']} tokens) and a {media['image_size']} px image ({media['image_tokens']} "
+              f"tokens); FLOPs per step: towers {_flops(omni['tower_flops_per_step'])} (per sequence audio "
+              f"{_flops(omni['audio_flops_per_sequence'])}, vision {_flops(omni['vision_flops_per_sequence'])}), "
+              f"LM {_flops(lm)}")
     print(table(report), flush=True)
     return 0 if all(r.get("status") == "ok" for r in report["results"]) else 1
 

@@ -6,7 +6,7 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -31,6 +31,81 @@ def flops_per_token(model: ModelConfig, seq_length: int) -> float:
     router = h * model.num_experts
     linear = layers * (attention + experts + router) + h * model.vocab_size
     return 6.0 * linear + 6.0 * layers * seq_length * q_dim
+
+
+def _half(n: int) -> int:
+    """Output length of a kernel-3, stride-2, padding-1 convolution (the AuT front end's)."""
+    return (n - 1) // 2 + 1
+
+
+def _segments(total: int, size: int) -> List[int]:
+    """``total`` split into pieces of ``size`` and a remainder (attention windows)."""
+    return [size] * (total // size) + ([total % size] if total % size else [])
+
+
+def audio_tower_flops(model: ModelConfig, num_frames: int) -> float:
+    """Training FLOPs (forward + backward) of the audio encoder (AuT, transformers'
+    ``Qwen3OmniMoeAudioEncoder``) on one audio input of ``num_frames`` log-mel frames; the same
+    convention as ``flops_per_token``: 6 x multiply-accumulates (2 per MAC forward, x3 with backward),
+    convolutions and attention scores / values included, norms and activations not.
+
+    With M mel bins, C = downsample_hidden_size, d = d_model, F = ffn_dim, H = the LM's hidden size:
+
+    - front end, per chunk: the frames are cut into chunks of 2 * n_window (the last one shorter, then
+      padded to the longest, so every chunk costs a chunk of length Lp = min(T, 2 * n_window)); three
+      3x3 stride-2 convolutions (1 -> C -> C -> C channels) halve mel and time each time
+      (f_i, t_i = half(f_{i-1}), half(t_{i-1}) from f_0 = M, t_0 = Lp), then a linear C * f_3 -> d
+      on each of the t_3 positions: 9 C f_1 t_1 + 9 C^2 (f_2 t_2 + f_3 t_3) + t_3 C f_3 d MACs;
+    - N tokens (the valid positions: half(half(half(len))) per chunk, 13 per full chunk) through
+      ``num_layers`` layers of 4 d^2 (q, k, v, out) + 2 d F (fc1, fc2) MACs per token, plus windowed
+      bidirectional attention: windows of W = half^3(Lp) * (n_window_infer // (2 n_window)) tokens
+      (the last shorter), 2 d w^2 MACs (QK^T and AV) per window w;
+    - output projections d -> d -> H per token: N (d^2 + d H).
+
+    Exact for one input, or for inputs that each have at least 2 * n_window frames (a batch pads its
+    chunks to its longest chunk).
+    """
+    a = model.audio_tower
+    chunk = 2 * a.n_window
+    chunks = _segments(num_frames, chunk)
+    padded = max(chunks)
+    f1, t1 = _half(a.num_mel_bins), _half(padded)
+    f2, t2 = _half(f1), _half(t1)
+    f3, t3 = _half(f2), _half(t2)
+    c, d = a.downsample_hidden_size, a.d_model
+    front = len(chunks) * (9 * c * f1 * t1 + 9 * c * c * (f2 * t2 + f3 * t3) + t3 * c * f3 * d)
+    tokens = sum(_half(_half(_half(n))) for n in chunks)
+    window = _half(_half(_half(padded))) * (a.n_window_infer // chunk)
+    attention = 2 * d * sum(w * w for w in _segments(tokens, window))
+    layers = a.num_layers * (tokens * (4 * d * d + 2 * d * a.ffn_dim) + attention)
+    head = tokens * (d * d + d * model.hidden_size)
+    return 6.0 * (front + layers + head)
+
+
+def vision_tower_flops(model: ModelConfig, grid_thw: Sequence[int], in_channels: int = 3) -> float:
+    """Training FLOPs (forward + backward) of the vision encoder (ViT, transformers'
+    ``Qwen3OmniMoeVisionEncoder``) on one image or video of ``grid_thw`` = (t, h, w) patches (an image
+    is t = 1: its frame repeated over the temporal patch); the convention of ``audio_tower_flops``.
+
+    With P = t h w patches, d = hidden_size, I = intermediate_size, m = spatial_merge_size,
+    H = the LM's hidden size, k = len(deepstack_visual_indexes):
+
+    - patch embedding (a Conv3d with kernel = stride = (temporal_patch_size, patch_size, patch_size)):
+      P * (in_channels * temporal_patch_size * patch_size^2) * d MACs;
+    - ``depth`` blocks of 4 d^2 (qkv, proj) + 2 d I (fc1, fc2) MACs per patch, plus bidirectional
+      attention within each frame (t segments of h w patches): 2 d (h w)^2 MACs per frame;
+    - the merger and the k DeepStack mergers, each on P / m^2 merged tokens of width m^2 d:
+      (m^2 d)^2 + m^2 d H MACs per merged token.
+    """
+    v = model.vision_tower
+    t, h, w = (int(x) for x in grid_thw)
+    patches, d, wide = t * h * w, v.hidden_size, v.spatial_merge_size ** 2 * v.hidden_size
+    embed = patches * in_channels * v.temporal_patch_size * v.patch_size ** 2 * d
+    attention = t * 2 * d * (h * w) ** 2
+    blocks = v.depth * (patches * (4 * d * d + 2 * d * v.intermediate_size) + attention)
+    mergers = (1 + len(v.deepstack_visual_indexes)) * (patches // v.spatial_merge_size ** 2) * (
+        wide * wide + wide * model.hidden_size)
+    return 6.0 * (embed + blocks + mergers)
 
 
 def device_peak_flops() -> Optional[float]:

@@ -14,10 +14,10 @@ SCRIPT = REPO / "benchmarks" / "thinker_throughput.py"
 V, H, L, HEADS, GROUPS, D, E, K, F, S, B = 512, 64, 2, 4, 2, 16, 8, 2, 32, 32, 2
 
 
-def expected_flops_per_token() -> float:
+def expected_flops_per_token(seq: int = S) -> float:
     q, kv = HEADS * D, GROUPS * D
     per_layer = H * (2 * q + 2 * kv) + 3 * H * K * F + H * E
-    return 6.0 * (L * per_layer + H * V) + 6.0 * L * S * q
+    return 6.0 * (L * per_layer + H * V) + 6.0 * L * seq * q
 
 
 def expected_parameters() -> int:
@@ -57,3 +57,65 @@ def test_tiny_benchmark_on_cpu(tmp_path):
     assert report["ratios"]["ours/hf_eager"] == (
         by_name["ours"]["figures"]["tokens_per_s"] / by_name["hf_eager"]["figures"]["tokens_per_s"])
     assert "| ours" in proc.stdout and "| hf_eager" in proc.stdout
+
+
+def tiny_omni_towers():
+    """tiny_omni's towers (conf/model/tiny_omni.yaml) as the stage builds them, at the script's LM width."""
+    from omegaconf import OmegaConf
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+        Qwen3OmniMoeAudioEncoder, Qwen3OmniMoeVisionEncoder)
+
+    from omni_train.config import compose
+    from omni_train.stages.multimodal_pretrain import hf_thinker_config
+
+    model = OmegaConf.to_object(compose(["model=tiny_omni", f"model.hidden_size={H}"])).model
+    ids = dict(audio_pad=1, image_pad=2, video_pad=3, vision_start=4, audio_start=5)
+    hf = Qwen3OmniMoeThinkerConfig(**hf_thinker_config(model, ids))
+    return model, Qwen3OmniMoeAudioEncoder(hf.audio_config), Qwen3OmniMoeVisionEncoder(hf.vision_config)
+
+
+def test_tiny_omni_benchmark_on_cpu(tmp_path):
+    """ours_omni (the trainer, stage multimodal_pretrain) and transformers' Thinker with the same towers on
+    sequences of text + a 100-frame audio clip + a 64 px image: tower FLOPs counted, figures consistent."""
+    from omni_train.metrics import audio_tower_flops, vision_tower_flops
+
+    seq = 64
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(seq),
+           "--micro-batch", str(B), "--steps", "2", "--warmup", "1", "--which", "ours_omni,hf_omni_grouped_mm",
+           "--json", str(out), "--log-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=REPO,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    model, audio, vision = tiny_omni_towers()
+    omni = report["omni"]
+    assert omni["flavor"] == "tiny_omni"
+    media = omni["media_per_sequence"]
+    # 100 frames: one full window, 13 tokens; 64 px: a 4 x 4 patch grid merged 2 x 2, 4 tokens
+    assert (media["audio_frames"], media["audio_tokens"]) == (100, 13)
+    assert (media["image_grid_thw"], media["image_tokens"]) == ([1, 4, 4], 4)
+    per_sequence = audio_tower_flops(model, 100) + vision_tower_flops(model, (1, 4, 4))
+    assert omni["tower_flops_per_step"] == B * per_sequence > 0
+    # the LM's FLOPs are those of the text variants: the same LM on the same number of tokens
+    lm_flops = expected_flops_per_token(seq)
+    assert report["flops_per_token"] == lm_flops
+    tower_parameters = sum(p.numel() for p in audio.parameters()) + sum(p.numel() for p in vision.parameters())
+    by_name = {r["variant"]: r for r in report["results"]}
+    for name, r in by_name.items():
+        assert r["status"] == "ok", (name, r)
+        f = r["figures"]
+        assert f["mfu"] is None and f["lm_mfu"] is None and f["total_mfu"] is None  # no peak on CPU
+        assert f["tower_tflops"] > 0
+        assert math.isclose(f["tower_tflops"], omni["tower_flops_per_step"] / f["step_s"] / 1e12)
+        assert math.isclose(f["total_tflops"], f["tflops"] + f["tower_tflops"])
+        assert math.isclose(f["tflops"], f["tokens_per_s"] * lm_flops / 1e12)
+        # the whole Thinker the stage builds: the LM of the text variants plus tiny_omni's towers
+        assert r["tower_parameters"] == tower_parameters, name
+        assert r["parameters"] == expected_parameters() + tower_parameters, name
+        assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"]), (name, r["losses"])
+        assert abs(r["losses"][0] - math.log(V)) < 0.5, (name, r["losses"])
+    assert by_name["ours_omni"]["master_weights"] is True
+    assert set(report["ratios"]) == {"ours_omni/hf_omni_grouped_mm"}
+    assert "| ours_omni" in proc.stdout and "omni (tiny_omni towers)" in proc.stdout

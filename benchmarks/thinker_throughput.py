@@ -57,7 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("ours", "ours_bf16", "ours_omni", "hf_grouped_mm", "hf_batched_mm", "hf_eager", "hf_omni_grouped_mm")
+VARIANTS = ("ours", "ours_bf16", "ours_sequential", "ours_omni", "hf_grouped_mm", "hf_batched_mm", "hf_eager", "hf_omni_grouped_mm")
 OMNI = ("ours_omni", "hf_omni_grouped_mm")  # with audio and image inputs through the towers
 TIMEOUTS = {"ours": 150, "ours_bf16": 150, "ours_omni": 240, "hf_grouped_mm": 90, "hf_batched_mm": 90,
             "hf_eager": 120, "hf_omni_grouped_mm": 180}
@@ -149,10 +149,14 @@ def ours_overrides(variant: str, spec: dict, on_gpu: bool, tokenizer=None) -> li
                  f"trainer.device={'cuda' if on_gpu else 'cpu'}",
                  f"trainer.precision={'bf16' if on_gpu else 'fp32'}",
                  f"trainer.seed={spec['seed']}", f"optim.lr={LR}", f"optim.clip_grad={CLIP}",
+                 # the transformers side steps at a constant LR from the first step: so do we
+                 "optim.warmup_steps=0", "optim.lr_decay=constant",
                  "checkpoint.save_every=100000", "checkpoint.save_at_end=false",
                  f"run_dir={tempfile.mkdtemp(prefix='thinker_throughput_')}", *lm_overrides(spec)]
     if variant == "ours_bf16" or (omni and not spec.get("master_weights", True)):
         overrides += ["optim.master_weights=false", "parallel.distributed_optimizer=false"]
+    if variant == "ours_sequential":  # megatron's SequentialMLP experts and alltoall dispatcher, for reference
+        overrides += ["model.experts_impl=sequential"]
     if omni:  # the stage reads its placeholder ids from the tokenizer; its data source is replaced below
         overrides += ["stage=multimodal_pretrain", "model.towers=true", f"data.tokenizer={tokenizer}"]
     return overrides
@@ -187,12 +191,35 @@ def build_ours(variant: str, spec: dict, device):
     load_stage(cfg.stage).build_data = lambda cfg, env: FixedBatches(batches)
     env = init_parallel(cfg.parallel, device, cfg.trainer.seed)
     trainer = Trainer(cfg, env, resolved={})
+    _label_phases(trainer)
     info = dict(parameters=sum(p.numel() for p in trainer.model.parameters()),
                 tower_parameters=_tower_parameters(trainer.model),
                 optimizer=type(trainer.optimizer).__name__, token_dispatcher=cfg.parallel.token_dispatcher,
                 distributed_optimizer=on_gpu and cfg.parallel.distributed_optimizer,
                 master_weights=getattr(cfg.optim, "master_weights", True))
     return (lambda: trainer.train_step()["loss"]), info
+
+
+def _label_phases(trainer) -> None:
+    """Name the parts of the trainer's step in profiles (``bench:<part>``): where the host and the device
+    spend the step."""
+    import torch
+
+    import omni_train.loop as loop
+
+    def labelled(label, fn):
+        def wrapped(*args, **kwargs):
+            with torch.profiler.record_function(f"bench:{label}"):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    trainer.forward_backward = labelled("forward_backward", trainer.forward_backward)
+    trainer.optimizer.step = labelled("optimizer_step", trainer.optimizer.step)
+    trainer.nonfinite.check = labelled("nonfinite_check", trainer.nonfinite.check)
+    trainer.model.zero_grad_buffer = labelled("zero_grad_buffer", trainer.model.zero_grad_buffer)
+    if not hasattr(loop._global_losses, "__wrapped_by_bench__"):
+        loop._global_losses = labelled("global_losses", loop._global_losses)
+        loop._global_losses.__wrapped_by_bench__ = True
 
 
 def hf_thinker_config(m, impl: str, placeholder_ids=None):
@@ -332,16 +359,58 @@ def profile_step(step, device, top: int = 15) -> dict:
         selected = sorted(selected, key=lambda e: getattr(e, key), reverse=True)[:top]
         return [dict(name=e.key[:100], calls=e.count, self_s=getattr(e, key) / 1e6) for e in selected]
 
-    # Device-side ranges such as "Optimizer.step#AdamW.step" are annotations around kernels, not kernels;
-    # "Command Buffer Full" marks the host waiting for room in the launch queue (the GPU is behind).
-    kernels = [e for e in events if e.device_type != DeviceType.CPU and "#" not in e.key]
+    # Device-side ranges such as "Optimizer.step#AdamW.step" or our "bench:*" labels are annotations
+    # around kernels, not kernels; "Command Buffer Full" marks the host waiting for room in the launch
+    # queue (the GPU is behind).
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and "#" not in e.key
+               and not e.key.startswith("bench:")]
     ops = [e for e in events if e.device_type == DeviceType.CPU and e.key != "Command Buffer Full"]
     queue_full = sum(e.count for e in events if e.key == "Command Buffer Full")
     out = dict(wall_s=wall, launch_queue_full=queue_full, top_ops=ranked(ops))
+    # each labelled part: host time (CPU side) and the span of its kernels (device side)
+    out["parts"] = {e.key.removeprefix("bench:") + (".device" if e.device_type != DeviceType.CPU else ".host"):
+                    (e.device_time_total if e.device_type != DeviceType.CPU else e.cpu_time_total) / 1e6
+                    for e in events if e.key.startswith("bench:")}
+    by_host = sorted((e for e in ops if not e.key.startswith("bench:")),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out["top_host_ops"] = [dict(name=e.key[:100], calls=e.count, self_s=e.self_cpu_time_total / 1e6)
+                           for e in by_host]
     if on_gpu:
         out.update(kernel_time_s=sum(e.self_device_time_total for e in kernels) / 1e6,
                    kernel_launches=sum(e.count for e in kernels), top_kernels=ranked(kernels))
     return out
+
+
+def sync_sites(step, top: int = 15) -> list:
+    """One more step with torch's CUDA sync debug mode on: where the host waited for the device (each
+    synchronising call, by the innermost omni_train / megatron frames that led to it), with counts."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/omni_train/" in f.filename or "/megatron/" in f.filename]
+        where = " < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+                           for f in reversed(frames[-3:]))
+        sites[f"{str(message).split(':')[0][:50]} @ {where or filename}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [dict(site=site, count=count) for site, count in sites.most_common(top)]
 
 
 def worker(variant: str, spec: dict, result_path: Path) -> None:
@@ -372,6 +441,15 @@ def worker(variant: str, spec: dict, result_path: Path) -> None:
         prof = result["profile"]
         print(f"[{variant}] profiled step: wall {prof['wall_s']:.3f}s, kernels {prof.get('kernel_time_s', 0):.3f}s "
               f"in {prof.get('kernel_launches', 0)} launches", flush=True)
+        for part, seconds in sorted(prof["parts"].items()):
+            print(f"[{variant}] part {part}: {seconds * 1e3:.2f} ms", flush=True)
+        for row in prof["top_host_ops"][:10]:
+            print(f"[{variant}] host {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']}", flush=True)
+        if device.type == "cuda":
+            result["syncs"] = sync_sites(step)
+            result_path.write_text(json.dumps(result))
+            for row in result["syncs"]:
+                print(f"[{variant}] sync {row['count']:4d}x {row['site']}", flush=True)
         for row in prof.get("top_kernels", [])[:8] + prof["top_ops"][:10]:
             print(f"[{variant}] {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']}", flush=True)
 

@@ -33,6 +33,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_mo
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models.attention import SDPAttention
 from omni_train.models.grouped_experts import GroupedExperts
+from omni_train.models.local_dispatch import OmniMoELayer
 from omni_train.models.rotary import InterleavedMRotaryEmbedding
 
 _LOAD_BALANCING = ("aux_loss", "expert_bias")
@@ -170,6 +171,8 @@ def _decoder_spec(config: TransformerConfig, experts_impl: str) -> TransformerBl
     layer.submodules.self_attention.submodules.core_attention = SDPAttention
     if experts_impl == "grouped":
         layer.submodules.mlp.submodules.experts.module = GroupedExperts
+        # all experts local (ep = tp = 1): permutation without communication or host syncs
+        layer.submodules.mlp.module = OmniMoELayer
     num_layers = get_num_layers_to_build(config)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
 

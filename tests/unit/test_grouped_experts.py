@@ -7,6 +7,7 @@ import torch
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models.grouped_experts import GroupedExperts, grouped_linear, grouped_mm_supported
+from omni_train.models.local_dispatch import LocalTokenDispatcher
 from omni_train.models.thinker_lm import build_thinker_lm
 
 TINY = ModelConfig(
@@ -67,6 +68,10 @@ def test_thinker_lm_with_grouped_experts_matches_sequential_mlp(megatron_world1,
     experts = grouped.decoder.layers[0].mlp.experts
     assert isinstance(experts, GroupedExperts)
     assert type(sequential.decoder.layers[0].mlp.experts).__name__ == "SequentialMLP"
+    # all experts local: the grouped model permutes without megatron's alltoall dispatcher (the sequential
+    # model keeps it, so the comparison below also checks the dispatch)
+    assert isinstance(grouped.decoder.layers[0].mlp.token_dispatcher, LocalTokenDispatcher)
+    assert type(sequential.decoder.layers[0].mlp.token_dispatcher).__name__ == "MoEAlltoAllTokenDispatcher"
     # the same parameter names and shapes: checkpoints, the HF bridge and freezing see no difference
     shapes = {n: p.shape for n, p in grouped.named_parameters()}
     assert shapes == {n: p.shape for n, p in sequential.named_parameters()}

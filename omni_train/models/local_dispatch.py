@@ -1,0 +1,76 @@
+"""Token dispatch for an MoE layer whose experts all live on this rank (expert parallel = expert tensor
+parallel = 1), without communication and without host synchronisation.
+
+megatron-core's alltoall dispatcher, run without Transformer Engine's fused permutation, stops the host
+three times per MoE layer and step: ``masked_select`` for the permutation indices and for the routing
+probabilities (their sizes are data-dependent) and a copy of the per-expert token counts to the host. Each
+stop drains the GPU's queue and leaves it idle while Python launches the next kernels. With every expert
+local and dropless top-k routing none of those sizes is unknown: every token goes to exactly k experts,
+so the permuted batch has ``tokens * k`` rows, and the grouped-GEMM experts take the per-expert counts as a
+device tensor.
+
+The permutation is megatron's (rows ordered by expert, then by token), so the experts see the same rows in
+the same order; the combine sums each token's k weighted expert outputs back into place.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+
+class LocalTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """MoEAlltoAllTokenDispatcher's interface, for ep = expert tp = 1 and dropless top-k routing."""
+
+    def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        self.hidden_shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, self.hidden_shape[-1])
+        num_tokens, topk = routing_map.shape[0], self.config.moe_router_topk
+        # each token's k experts (dropless top-k: exactly k per row), then rows sorted by (expert, token)
+        experts = torch.topk(routing_map.to(torch.uint8), topk, dim=1).indices.reshape(-1)
+        tokens = torch.arange(num_tokens, device=hidden.device).repeat_interleave(topk)
+        order = torch.argsort(experts * num_tokens + tokens)
+        self.sorted_tokens = tokens[order]
+        self.tokens_per_expert = routing_map.sum(dim=0)
+        permuted_probs = probs[self.sorted_tokens, experts[order]]
+        return hidden.index_select(0, self.sorted_tokens), permuted_probs
+
+    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        return hidden_states, probs
+
+    def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        tokens_per_expert, self.tokens_per_expert = self.tokens_per_expert, None
+        return hidden_states, tokens_per_expert, probs
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+    def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+    def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Sum each token's expert outputs (already weighted by their routing probabilities)."""
+        out = torch.zeros(self.hidden_shape[:-1].numel(), hidden_states.shape[-1], dtype=hidden_states.dtype,
+                          device=hidden_states.device)
+        out = out.index_add(0, self.sorted_tokens, hidden_states)
+        self.sorted_tokens = None
+        return out.view(self.hidden_shape)
+
+
+class OmniMoELayer(MoELayer):
+    """megatron's MoELayer; with every expert on this rank and dropless routing, its tokens go through
+    LocalTokenDispatcher instead of the alltoall dispatcher."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        if pg_collection is None:  # as MoELayer itself resolves it
+            pg_collection = get_default_pg_collection()
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         pg_collection=pg_collection)
+        dispatcher = self.token_dispatcher
+        local = (isinstance(dispatcher, MoEAlltoAllTokenDispatcher) and dispatcher.ep_size == 1
+                 and dispatcher.tp_size == 1 and config.moe_expert_capacity_factor is None
+                 and not config.moe_router_padding_for_quantization and not config.moe_permute_fusion)
+        if local:
+            self.token_dispatcher = LocalTokenDispatcher(self.num_local_experts, self.local_expert_indices,
+                                                         config=config, pg_collection=pg_collection)

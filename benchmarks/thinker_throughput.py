@@ -45,6 +45,7 @@ and ``total_mfu`` (LM + tower FLOPs: ``omni_train.metrics.audio_tower_flops`` pe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import math
@@ -283,7 +284,7 @@ def build_hf(variant: str, spec: dict, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                   fused=on_gpu, foreach=None if on_gpu else True)
-    batches = iter(batches)
+    batches = itertools.cycle(batches)  # the profiled and sync-checked steps come after the timed ones
 
     def step() -> float:
         batch = next(batches)
@@ -336,7 +337,7 @@ def time_steps(step, spec: dict, device) -> dict:
     return dict(step_times_s=times, losses=losses, peak_memory_gib=_peak_gib(device))
 
 
-def profile_step(step, device, top: int = 15) -> dict:
+def profile_step(step, device, top: int = 15, trace_path=None) -> dict:
     """One more step under torch.profiler. On GPU: the device kernels' total time and launch count against
     the step's wall time, the top kernels by time, and the top operators by the device time of the kernels
     they launch themselves (self); on CPU, operators by self CPU time."""
@@ -352,6 +353,8 @@ def profile_step(step, device, top: int = 15) -> dict:
         if on_gpu:
             torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    if trace_path:
+        prof.export_chrome_trace(str(trace_path))
     events = prof.key_averages()
     key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
 
@@ -436,7 +439,8 @@ def worker(variant: str, spec: dict, result_path: Path) -> None:
     print(f"[{variant}] step times {[round(t, 4) for t in result['step_times_s']]} s, "
           f"losses {[round(x, 4) for x in result['losses']]}", flush=True)
     if variant in spec["profile"]:
-        result["profile"] = profile_step(step, device)
+        trace = Path(spec["trace_dir"]) / f"trace_{variant}.json" if spec.get("trace_dir") else None
+        result["profile"] = profile_step(step, device, trace_path=trace)
         result_path.write_text(json.dumps(result))
         prof = result["profile"]
         print(f"[{variant}] profiled step: wall {prof['wall_s']:.3f}s, kernels {prof.get('kernel_time_s', 0):.3f}s "
@@ -573,7 +577,7 @@ def run_all(args) -> dict:
     spec = dict(tiny=args.tiny, layers=args.layers, seq_length=args.seq_length, micro_batch=args.micro_batch,
                 steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile,
                 audio_frames=args.audio_frames or frames, image_size=args.image_size or size,
-                master_weights=args.ours_master_weights == "true")
+                master_weights=args.ours_master_weights == "true", trace_dir=args.trace_dir)
     m = model_config(spec)
     fpt = flops_per_token(m, args.seq_length)
     peak = _peak_flops_of_visible_gpu()
@@ -645,6 +649,7 @@ def parse_args(argv):
     p.add_argument("--timeouts", default="", type=_timeouts, help="e.g. ours=150,hf_eager=120")
     p.add_argument("--deadline", type=float, default=None, help="seconds for all variants together")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--trace-dir", default=None, help="profiled variants also write a Chrome trace here")
     p.add_argument("--log-dir", default=None, help="one log per variant (default: a temp dir)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)

@@ -8,8 +8,11 @@ keeps SequentialMLP's modules, parameters, names and checkpoint layout (``local_
 forward: the local experts' weights are stacked for the kernel and every expert's tokens go through one
 ``torch._grouped_mm`` call per projection, forward and backward.
 
-The stacked weights are transient: the forward stacks, multiplies and drops them; the backward stacks
-again. The autograd graph keeps only the per-expert parameters themselves, so memory is what
+The per-expert weights of one projection are built as consecutive slices of one storage, so the kernel
+reads them as one [experts, out, in] tensor without a copy. Whatever later gives a parameter storage of
+its own (megatron's distributed optimizer moves every parameter into its contiguous buffer; ``to_empty``)
+costs a stack per pass instead: the forward stacks, multiplies and drops the stack, the backward stacks
+again. Either way the autograd graph keeps only the per-expert parameters themselves, so memory is what
 SequentialMLP keeps (its inputs), not a second copy of every expert's weights per layer.
 
 Numerics match SequentialMLP's (same activation and probability weighting, same dtypes); only the GEMM
@@ -37,6 +40,18 @@ def grouped_mm_supported(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bo
     return n % per_row == 0 and k % per_row == 0
 
 
+def stacked(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[experts, out, in]: a view when the weights are consecutive slices of one storage, else a copy."""
+    first = weights[0]
+    numel, storage = first.numel(), first.untyped_storage().data_ptr()
+    shared = first.is_contiguous() and all(
+        w.untyped_storage().data_ptr() == storage and w.is_contiguous() and w.shape == first.shape
+        and w.storage_offset() == first.storage_offset() + i * numel for i, w in enumerate(weights))
+    if shared:
+        return first.as_strided((len(weights), *first.shape), (numel, *first.stride()), first.storage_offset())
+    return torch.stack(weights)
+
+
 class _GroupedLinear(torch.autograd.Function):
     """``y[rows of expert e] = x[rows of expert e] @ W_e^T`` for per-expert weights ``W_e`` of shape
     [out, in], given as separate tensors; ``offsets`` are the cumulative row counts (int32, on x's
@@ -45,7 +60,7 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, offsets, *weights):
         ctx.save_for_backward(x, offsets, *weights)
-        return torch._grouped_mm(x, torch.stack(weights).transpose(1, 2), offs=offsets)
+        return torch._grouped_mm(x, stacked(weights).transpose(1, 2), offs=offsets)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -53,7 +68,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad_out, torch.stack(weights), offs=offsets)
+            grad_x = torch._grouped_mm(grad_out, stacked(weights), offs=offsets)
         if any(ctx.needs_input_grad[2:]):
             # dW_e = dy_e^T x_e: the grouped dimension is the rows (tokens) of both operands
             grad_w = torch._grouped_mm(grad_out.t(), x, offs=offsets).unbind(0)
@@ -100,6 +115,21 @@ class GroupedExperts(SequentialMLP):
                              "use model.experts_impl=sequential for this configuration")
         if cfg.moe_apply_probs_on_input:
             raise ValueError("GroupedExperts does not support moe_apply_probs_on_input")
+        for projection in ("linear_fc1", "linear_fc2"):
+            self._share_storage(projection)
+
+    @torch.no_grad()
+    def _share_storage(self, projection: str) -> None:
+        """Re-create the experts' ``projection`` weights as consecutive slices of one storage (same values,
+        same megatron attributes), so that :func:`stacked` is a view."""
+        layers = [getattr(expert, projection) for expert in self.local_experts]
+        storage = torch.stack([layer.weight for layer in layers])
+        for i, layer in enumerate(layers):
+            old = layer.weight
+            new = torch.nn.Parameter(storage[i], requires_grad=old.requires_grad)
+            for name, value in vars(old).items():  # tensor_model_parallel, partition_dim, allreduce, ...
+                setattr(new, name, value)
+            layer.weight = new
 
     def _glu(self, x: torch.Tensor) -> torch.Tensor:
         gate, linear = torch.chunk(x, 2, dim=-1)

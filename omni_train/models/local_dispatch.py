@@ -10,7 +10,9 @@ so the permuted batch has ``tokens * k`` rows, and the grouped-GEMM experts take
 device tensor.
 
 The permutation is megatron's (rows ordered by expert, then by token), so the experts see the same rows in
-the same order; the combine sums each token's k weighted expert outputs back into place.
+the same order; the combine sums each token's k weighted expert outputs back into place. Both directions,
+forward and backward, are row gathers plus a sum over the k copies: no scatter-add, whose atomics cost
+~1 ms per call on a [tokens * k, hidden] tensor at Qwen3-Omni width.
 """
 
 from __future__ import annotations
@@ -18,6 +20,40 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+
+class _Dispatch(torch.autograd.Function):
+    """[T, H] -> [T*k, H]: row ``p`` is token ``token_of[p]``. Backward: the k rows of each token, found
+    through ``inverse`` (token-major position -> permuted row), summed."""
+
+    @staticmethod
+    def forward(ctx, hidden, token_of, inverse, topk):
+        ctx.save_for_backward(inverse)
+        ctx.topk = topk
+        return hidden.index_select(0, token_of)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _sum_copies(grad, inverse, ctx.topk), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """[T*k, H] -> [T, H]: each token's k rows summed. Backward: each row gets its token's gradient."""
+
+    @staticmethod
+    def forward(ctx, rows, token_of, inverse, topk):
+        ctx.save_for_backward(token_of)
+        return _sum_copies(rows, inverse, topk)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token_of,) = ctx.saved_tensors
+        return grad.index_select(0, token_of), None, None, None
+
+
+def _sum_copies(rows: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:
+    return rows.index_select(0, inverse).view(-1, topk, rows.shape[-1]).sum(dim=1)
 
 
 class LocalTokenDispatcher(MoEAlltoAllTokenDispatcher):
@@ -30,11 +66,12 @@ class LocalTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # each token's k experts (dropless top-k: exactly k per row), then rows sorted by (expert, token)
         experts = torch.topk(routing_map.to(torch.uint8), topk, dim=1).indices.reshape(-1)
         tokens = torch.arange(num_tokens, device=hidden.device).repeat_interleave(topk)
-        order = torch.argsort(experts * num_tokens + tokens)
+        order = torch.argsort(experts * num_tokens + tokens)  # permuted row -> token-major position
         self.sorted_tokens = tokens[order]
+        self.inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         self.tokens_per_expert = routing_map.sum(dim=0)
         permuted_probs = probs[self.sorted_tokens, experts[order]]
-        return hidden.index_select(0, self.sorted_tokens), permuted_probs
+        return _Dispatch.apply(hidden, self.sorted_tokens, self.inverse, topk), permuted_probs
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         return hidden_states, probs
@@ -51,10 +88,8 @@ class LocalTokenDispatcher(MoEAlltoAllTokenDispatcher):
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Sum each token's expert outputs (already weighted by their routing probabilities)."""
-        out = torch.zeros(self.hidden_shape[:-1].numel(), hidden_states.shape[-1], dtype=hidden_states.dtype,
-                          device=hidden_states.device)
-        out = out.index_add(0, self.sorted_tokens, hidden_states)
-        self.sorted_tokens = None
+        out = _Combine.apply(hidden_states, self.sorted_tokens, self.inverse, self.config.moe_router_topk)
+        self.sorted_tokens = self.inverse = None
         return out.view(self.hidden_shape)
 
 

@@ -126,3 +126,27 @@ def test_under_megatron_ddp_expert_grads_land_in_the_grad_buffer_once(megatron_w
     assert any(".local_experts." in n and g.abs().sum() > 0 for n, g in grouped.items())
     for name in sequential:
         torch.testing.assert_close(grouped[name], sequential[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_expert_weights_are_read_in_place_until_moved(megatron_world1):
+    """Built weights are slices of one storage (the kernel reads them without a copy); a parameter given
+    storage of its own (as megatron's distributed optimizer does) falls back to a stacked copy, same values."""
+    from omni_train.models.grouped_experts import stacked
+
+    model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=torch.float32)
+    reference = build_thinker_lm(dataclasses.replace(TINY, experts_impl="sequential"), ParallelConfig(),
+                                 device="cpu", params_dtype=torch.float32)
+    experts = model.decoder.layers[0].mlp.experts
+    want = vars(reference.decoder.layers[0].mlp.experts.local_experts[0].linear_fc1.weight)
+    fc1 = [e.linear_fc1.weight for e in experts.local_experts]
+    view = stacked(fc1)
+    assert view.untyped_storage().data_ptr() == fc1[0].untyped_storage().data_ptr()
+    assert view.shape == (TINY.num_experts, 2 * TINY.moe_ffn_hidden_size, TINY.hidden_size)
+    for i, w in enumerate(fc1):
+        assert torch.equal(view[i], w)
+        assert vars(w) == want  # megatron's attributes (allreduce, tensor_model_parallel, ...) survive
+    assert "allreduce" in want
+    fc1[2].data = fc1[2].data.clone()  # moved: no longer a slice of the shared storage
+    copy = stacked(fc1)
+    assert copy.untyped_storage().data_ptr() != fc1[0].untyped_storage().data_ptr()
+    torch.testing.assert_close(copy, view)

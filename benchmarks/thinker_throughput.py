@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 
 VARIANTS = ("ours", "ours_bf16", "ours_sequential", "ours_omni", "hf_grouped_mm", "hf_batched_mm", "hf_eager", "hf_omni_grouped_mm")
 OMNI = ("ours_omni", "hf_omni_grouped_mm")  # with audio and image inputs through the towers
-TIMEOUTS = {"ours": 150, "ours_bf16": 150, "ours_omni": 240, "hf_grouped_mm": 90, "hf_batched_mm": 90,
+TIMEOUTS = {"ours": 150, "ours_sequential": 150, "ours_bf16": 150, "ours_omni": 240, "hf_grouped_mm": 90, "hf_batched_mm": 90,
             "hf_eager": 120, "hf_omni_grouped_mm": 180}
 # Media per sequence in the omni variants: (mel frames, image pixels per side) with and without --tiny
 MEDIA = {True: (100, 64), False: (3000, 640)}  # tiny: 1 s, 4 placeholders; full: 30 s, 640 px (390 + 400)

@@ -72,8 +72,9 @@ class ModelConfig:
     load_balancing: str = "aux_loss"
     aux_loss_coeff: float = 1e-3
     expert_bias_update_rate: float = 1e-3
-    # Routed experts' kernels: "grouped" (one torch._grouped_mm per projection for all local experts) or
-    # "sequential" (megatron's SequentialMLP, one matmul pair per expert). Same parameters and checkpoints.
+    # Routed experts: "grouped" (two stacked weights per layer, one torch._grouped_mm per projection for all
+    # local experts) or "sequential" (megatron's SequentialMLP: a weight pair and a matmul pair per expert).
+    # Both read and write the same per-expert checkpoints.
     experts_impl: str = "grouped"
     # Audio and vision towers in front of the LM (stage multimodal_pretrain). Replicated on every rank:
     # tp = pp = cp = 1 only.

@@ -17,6 +17,7 @@ loads an export with transformers and decodes greedily (generate.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -112,9 +113,15 @@ def global_name(local: str, model, experts_per_rank: int) -> str:
     return _EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + offset}.", local)
 
 
+def _per_expert_parameters(cfg):
+    """The LM config with megatron's SequentialMLP experts: one parameter per expert and projection, named as
+    the bridge table and the checkpoints name them (the grouped experts write the same checkpoint)."""
+    return dataclasses.replace(cfg, experts_impl="sequential")
+
+
 def build_empty_lm(cfg, parallel_cfg: ParallelConfig, dtype: torch.dtype):
     """The rank's LM with uninitialized CPU storage; returns (model, {name: (tp split?, partition dim)})."""
-    model = build_thinker_lm(cfg, parallel_cfg, device="meta", params_dtype=dtype,
+    model = build_thinker_lm(_per_expert_parameters(cfg), parallel_cfg, device="meta", params_dtype=dtype,
                              pre_process=parallel_state.is_pipeline_first_stage(),
                              post_process=parallel_state.is_pipeline_last_stage())
     splits = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", 0))
@@ -194,7 +201,7 @@ def key_templates(cfg, dtype: torch.dtype) -> Dict[str, Tuple[str, Tuple[int, ..
 
     Layer keys carry a leading layer axis, expert keys then an expert axis (megatron's prepended axes).
     """
-    model = build_thinker_lm(cfg, ParallelConfig(), device="meta", params_dtype=dtype)
+    model = build_thinker_lm(_per_expert_parameters(cfg), ParallelConfig(), device="meta", params_dtype=dtype)
     params = dict(model.named_parameters())
     out = {}
     for name, sh in model.sharded_state_dict().items():

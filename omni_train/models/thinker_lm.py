@@ -2,7 +2,7 @@
 
 sizes (ModelConfig) + layout (ParallelConfig) -> TransformerConfig -> local layer spec -> GPTModel.
 No Transformer Engine: routed experts are omni_train.models.grouped_experts.GroupedExperts (torch's
-grouped GEMM, SequentialMLP's parameters and checkpoint layout) or, with ``model.experts_impl=sequential``,
+grouped GEMM over two stacked weights per layer, SequentialMLP's checkpoint layout) or, with ``model.experts_impl=sequential``,
 megatron's SequentialMLP itself. The caller initializes
 megatron's parallel_state; nothing here reads the environment or chooses parallel degrees.
 

@@ -120,7 +120,16 @@ def test_counts_match_built_model(megatron_world1):
     assert total == numel
     (only_rank,) = describe_shards(TINY, ParallelConfig())
     assert only_rank["num_params"] == numel
-    shapes = dict(model.named_parameters())
+    # shard shapes per expert, as checkpoints (and megatron's SequentialMLP) hold them; the grouped experts
+    # hold the same shards stacked ([experts, out, in] per projection)
+    sequential = build_thinker_lm(dataclasses.replace(TINY, experts_impl="sequential"), ParallelConfig(),
+                                  device="cpu", params_dtype=torch.float32)
+    shapes = dict(sequential.named_parameters())
+    experts = model.decoder.layers[0].mlp.experts
+    assert tuple(experts.linear_fc1_weight.shape) == (TINY.num_experts, *shapes[
+        "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"].shape)
+    assert tuple(experts.linear_fc2_weight.shape) == (TINY.num_experts, *shapes[
+        "decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"].shape)
     for name, shape in only_rank["layer"]:
         assert tuple(shapes[f"decoder.layers.0.{name}"].shape) == shape, name
     for name, shape in only_rank["other"]:

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 from omegaconf import OmegaConf
@@ -34,7 +33,13 @@ from omni_train.metrics import MetricsLogger, Throughput, peak_memory_gib
 from omni_train.models.moe_load import ExpertLoadTracker
 from omni_train.parallel.context_parallel import split_for_context_parallel
 from omni_train.parallel.setup import ParallelEnv
-from omni_train.parallel.wrap import build_optimizer, build_scheduler, use_fused_adamw, wrap_data_parallel
+from omni_train.parallel.wrap import (
+    build_optimizer,
+    build_scheduler,
+    finalize_grads,
+    use_fused_adamw,
+    wrap_data_parallel,
+)
 from omni_train.resilience import NonFiniteGuard, Preempted, Preemption, explain_collective_failures
 from omni_train.stages import Phase, Stage, apply_trainable, load_stage, phase_at, phase_plan
 
@@ -115,7 +120,7 @@ class Trainer:
         """What megatron's forward/backward schedule calls back into (as Megatron-LM's trainer does)."""
         config = get_model_config(self.model)
         config.no_sync_func = self.model.no_sync
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = finalize_grads
         config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
 

@@ -163,3 +163,26 @@ def test_describe_shards_layout():
     assert [n for n, _ in last["other"]] == ["decoder.final_layernorm.weight", "output_layer.weight"]
     with pytest.raises(ValueError):
         describe_shards(QWEN3_OMNI_30B, ParallelConfig(tp=8))  # 4 query groups over 8 ranks
+
+
+def test_chunked_loss_equals_megatrons_cross_entropy(megatron_world1, monkeypatch):
+    """The tp=1 loss (torch's cross-entropy over token chunks) against megatron's vocab-parallel one, for
+    the value and the gradient of the logits, with chunks smaller than the batch."""
+    from megatron.core import tensor_parallel
+
+    import omni_train.models.thinker_lm as thinker_lm
+
+    model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=torch.float32)
+    monkeypatch.setattr(thinker_lm, "_LOSS_CHUNK_BYTES", 4 * TINY.vocab_size * 5)  # 5 tokens per chunk
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, 3, TINY.vocab_size, generator=g, requires_grad=True)  # [s, b, v]
+    labels = torch.randint(0, TINY.vocab_size, (3, 7), generator=g)  # [b, s]
+    loss = model.compute_language_model_loss(labels, logits)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref = tensor_parallel.vocab_parallel_cross_entropy(ref_logits, labels.t().contiguous()).t()
+    assert loss.shape == (3, 7)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    weights = torch.rand(3, 7, generator=g)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), ref_logits)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)

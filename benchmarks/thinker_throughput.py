@@ -6,7 +6,8 @@
 
 Both sides train the same model (the 30B-A3B Thinker's width with ``--layers`` decoder layers, or a tiny
 one with ``--tiny``) on the same seeded random tokens, micro-batch and sequence length, one optimizer
-step per micro-batch:
+step per ``--micro-batches`` micro-batches (default 1; more is gradient accumulation, on both sides the
+mean loss over the step's micro-batches):
 
 - ``ours``: the trainer itself (``omni_train.loop.Trainer`` built from the composed Hydra config, stage
   text_pretrain: megatron DDP, megatron's AdamW, distributed optimizer on GPU, clipping at 1.0, per-token
@@ -20,7 +21,7 @@ No load-balancing loss on either side (ours: aux_loss_coeff=0). bf16 on GPU, fp3
 runs in a fresh subprocess (its own peak memory; an OOM or a timeout loses only that variant). FLOPs per
 token are ``omni_train.metrics.flops_per_token`` (Megatron's MoE formula) for both; MFU uses
 ``omni_train.metrics.device_peak_flops`` (989 TFLOP/s on H100 and H200). tokens/s = micro_batch *
-seq_length / mean step time over the timed steps (device synchronised around each step). Peak memory:
+micro_batches * seq_length / mean step time over the timed steps (device synchronised around each step). Peak memory:
 ``torch.cuda.max_memory_allocated`` over the timed steps (max RSS of the process on CPU).
 
 Variants on the same text batches and LM sizes:
@@ -124,15 +125,15 @@ def make_batches(spec: dict, vocab_size: int, count: int, device):
 
 
 class FixedBatches:
-    """Stands in for the trainer's data source: one micro-batch per optimizer step."""
+    """Stands in for the trainer's data source: ``per_step`` micro-batches per optimizer step."""
 
-    def __init__(self, batches):
-        self.batches, self.step = batches, 0
+    def __init__(self, batches, per_step: int = 1):
+        self.batches, self.per_step, self.step = batches, per_step, 0
 
     def next_microbatches(self):
-        batch = self.batches[self.step % len(self.batches)]
+        start = self.step * self.per_step
         self.step += 1
-        return [batch]
+        return [self.batches[(start + i) % len(self.batches)] for i in range(self.per_step)]
 
     def stats(self):
         return {}
@@ -146,7 +147,8 @@ def ours_overrides(variant: str, spec: dict, on_gpu: bool, tokenizer=None) -> li
     overrides = ["recipe=tiny/text_pretrain_gpu" if on_gpu else "recipe=tiny/text_pretrain",
                  f"model={flavor}", "logger=none",
                  f"trainer.seq_length={spec['seq_length']}", f"trainer.micro_batch_size={spec['micro_batch']}",
-                 f"trainer.global_batch_size={spec['micro_batch']}", "trainer.max_steps=1000",
+                 f"trainer.global_batch_size={spec['micro_batch'] * spec.get('micro_batches', 1)}",
+                 "trainer.max_steps=1000",
                  f"trainer.device={'cuda' if on_gpu else 'cpu'}",
                  f"trainer.precision={'bf16' if on_gpu else 'fp32'}",
                  f"trainer.seed={spec['seed']}", f"optim.lr={LR}", f"optim.clip_grad={CLIP}",
@@ -185,11 +187,12 @@ def build_ours(variant: str, spec: dict, device):
     composed = compose(ours_overrides(variant, spec, on_gpu, tokenizer))
     validate_config(composed, world_size=1, cuda_available=on_gpu)
     cfg = OmegaConf.to_object(composed)
-    count = spec["warmup"] + spec["steps"] + 1
+    per_step = spec.get("micro_batches", 1)
+    count = (spec["warmup"] + spec["steps"] + 1) * per_step
     batches = (omni_batches(spec, cfg.model, ids, count, device) if omni
                else make_batches(spec, cfg.model.vocab_size, count, device))
     # This process runs one variant: the stage's data source becomes the benchmark's batches.
-    load_stage(cfg.stage).build_data = lambda cfg, env: FixedBatches(batches)
+    load_stage(cfg.stage).build_data = lambda cfg, env: FixedBatches(batches, per_step)
     env = init_parallel(cfg.parallel, device, cfg.trainer.seed)
     trainer = Trainer(cfg, env, resolved={})
     _label_phases(trainer)
@@ -261,7 +264,8 @@ def build_hf(variant: str, spec: dict, device):
     omni = variant in OMNI
     impl = variant.removeprefix("hf_omni_" if omni else "hf_")
     on_gpu = device.type == "cuda"
-    count = spec["warmup"] + spec["steps"] + 1
+    per_step = spec.get("micro_batches", 1)
+    count = (spec["warmup"] + spec["steps"] + 1) * per_step
     if omni:
         m = omni_model_config(spec)
         _, ids = placeholder_ids()
@@ -286,9 +290,7 @@ def build_hf(variant: str, spec: dict, device):
                                   fused=on_gpu, foreach=None if on_gpu else True)
     batches = itertools.cycle(batches)  # the profiled and sync-checked steps come after the timed ones
 
-    def step() -> float:
-        batch = next(batches)
-        optimizer.zero_grad(set_to_none=True)
+    def micro_step(batch) -> torch.Tensor:
         if omni:  # media collated and copied to the device each step, as the stage's forward does
             inputs = hf_inputs(batch, device)
             labels = inputs.pop("labels")
@@ -297,10 +299,15 @@ def build_hf(variant: str, spec: dict, device):
             labels = batch["labels"]
         logits = model(**inputs, use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        loss.backward()
+        (loss / per_step).backward()  # gradient accumulation: the mean over the step's micro-batches
+        return loss.detach()
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        losses = [micro_step(next(batches)) for _ in range(per_step)]
         torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
         optimizer.step()
-        return loss.item()
+        return torch.stack(losses).mean().item()
 
     towers = _tower_parameters(model)
     total = sum(p.numel() for p in model.parameters())
@@ -480,7 +487,7 @@ def figures(result: dict, spec: dict, flops_per_token: float, peak_flops, tower_
     """tokens/s, TFLOP/s and MFU (the LM's FLOPs) from the timed steps' mean step time; with tower FLOPs
     (omni variants) also the towers' TFLOP/s, LM + towers TFLOP/s, and LM-only and total MFU."""
     step_s = sum(result["step_times_s"]) / len(result["step_times_s"])
-    tokens_per_s = spec["micro_batch"] * spec["seq_length"] / step_s
+    tokens_per_s = spec["micro_batch"] * spec.get("micro_batches", 1) * spec["seq_length"] / step_s
     tflops = tokens_per_s * flops_per_token / 1e12
     out = dict(step_s=step_s, tokens_per_s=tokens_per_s, tflops=tflops,
                mfu=tflops * 1e12 / peak_flops if peak_flops else None)
@@ -506,7 +513,7 @@ def omni_inputs_report(spec: dict) -> dict:
     b = spec["micro_batch"]
     return dict(flavor=omni_flavor(spec), audio_tower=asdict(m.audio_tower), vision_tower=asdict(m.vision_tower),
                 media_per_sequence=media, audio_flops_per_sequence=audio, vision_flops_per_sequence=vision,
-                tower_flops_per_step=b * (audio + vision))
+                tower_flops_per_step=b * spec.get("micro_batches", 1) * (audio + vision))
 
 
 def run_variant(variant: str, spec: dict, timeout: float, log_path: Path) -> dict:
@@ -575,6 +582,7 @@ def run_all(args) -> dict:
 
     frames, size = MEDIA[args.tiny]
     spec = dict(tiny=args.tiny, layers=args.layers, seq_length=args.seq_length, micro_batch=args.micro_batch,
+                micro_batches=args.micro_batches,
                 steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile,
                 audio_frames=args.audio_frames or frames, image_size=args.image_size or size,
                 master_weights=args.ours_master_weights == "true", trace_dir=args.trace_dir)
@@ -597,7 +605,7 @@ def run_all(args) -> dict:
             r["figures"] = figures(r, spec, fpt, peak, omni["tower_flops_per_step"] if variant in OMNI else None)
         results.append(r)
     return dict(date=time.strftime("%Y-%m-%d"), spec=spec, model=model_fields(spec), flops_per_token=fpt,
-                peak_flops=peak, tokens_per_step=args.micro_batch * args.seq_length, omni=omni, results=results,
+                peak_flops=peak, tokens_per_step=args.micro_batch * args.micro_batches * args.seq_length, omni=omni, results=results,
                 ratios=_ratios(results))
 
 
@@ -629,6 +637,8 @@ def parse_args(argv):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation on both sides)")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--which", default="ours,hf_grouped_mm,hf_eager",

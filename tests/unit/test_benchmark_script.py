@@ -119,3 +119,21 @@ def test_tiny_omni_benchmark_on_cpu(tmp_path):
     assert by_name["ours_omni"]["master_weights"] is True
     assert set(report["ratios"]) == {"ours_omni/hf_omni_grouped_mm"}
     assert "| ours_omni" in proc.stdout and "omni (tiny_omni towers)" in proc.stdout
+
+
+def test_gradient_accumulation_on_cpu(tmp_path):
+    """--micro-batches 2: both sides take two micro-batches per optimizer step; tokens per step and the
+    figures count both; the first step's loss (the mean over its two micro-batches) is the same model's."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(S),
+           "--micro-batch", str(B), "--micro-batches", "2", "--steps", "2", "--warmup", "1",
+           "--which", "ours,hf_eager", "--json", str(out), "--log-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=REPO,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["tokens_per_step"] == 2 * B * S
+    for r in report["results"]:
+        assert r["status"] == "ok", r
+        assert math.isclose(r["figures"]["tokens_per_s"] * r["figures"]["step_s"], 2 * B * S, rel_tol=1e-9)
+        assert abs(r["losses"][0] - math.log(V)) < 0.3, r["losses"]

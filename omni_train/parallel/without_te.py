@@ -30,9 +30,8 @@ def foreach_l2_norm(chunk_size: int, noop_flag, tensor_lists: Sequence[List[torc
     per parameter) and returns a fresh CUDA tensor: ~1,000 kernel launches and as many syncs per step at
     the size of the 30B Thinker. ``torch._foreach_norm`` does it in a few multi-tensor kernels."""
     tensors = tensor_lists[0]
-    norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
-    total = torch.linalg.vector_norm(torch.stack(norms)).reshape(1)
-    return total, (torch.stack(norms) if per_tensor else None)
+    norms = torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
 
 
 def foreach_scale(chunk_size: int, noop_flag, tensor_lists: Sequence[List[torch.Tensor]], scale: float) -> None:

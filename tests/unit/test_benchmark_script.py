@@ -25,15 +25,20 @@ def expected_parameters() -> int:
     return L * per_layer + 2 * V * H + H
 
 
-def test_tiny_benchmark_on_cpu(tmp_path):
+def run_tiny(tmp_path, which: str, *extra: str, seq: int = S, timeout: int = 170):
+    """The script with --tiny on CPU, 1 warm-up and 2 timed steps: (its JSON report, its stdout)."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(S),
-           "--micro-batch", str(B), "--steps", "2", "--warmup", "1", "--which", "ours,hf_eager",
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(seq),
+           "--micro-batch", str(B), "--steps", "2", "--warmup", "1", "--which", which, *extra,
            "--json", str(out), "--log-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=REPO,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_tiny_benchmark_on_cpu(tmp_path):
+    report, stdout = run_tiny(tmp_path, "ours,hf_eager")
     assert report["flops_per_token"] == expected_flops_per_token()
     assert report["tokens_per_step"] == B * S
     assert report["peak_flops"] is None  # no MFU on CPU
@@ -56,7 +61,7 @@ def test_tiny_benchmark_on_cpu(tmp_path):
     assert by_name["hf_eager"]["experts_implementation"] == "eager"
     assert report["ratios"]["ours/hf_eager"] == (
         by_name["ours"]["figures"]["tokens_per_s"] / by_name["hf_eager"]["figures"]["tokens_per_s"])
-    assert "| ours" in proc.stdout and "| hf_eager" in proc.stdout
+    assert "| ours" in stdout and "| hf_eager" in stdout
 
 
 def tiny_omni_towers():
@@ -81,14 +86,7 @@ def test_tiny_omni_benchmark_on_cpu(tmp_path):
     from omni_train.metrics import audio_tower_flops, vision_tower_flops
 
     seq = 64
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(seq),
-           "--micro-batch", str(B), "--steps", "2", "--warmup", "1", "--which", "ours_omni,hf_omni_grouped_mm",
-           "--json", str(out), "--log-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=110, cwd=REPO,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, stdout = run_tiny(tmp_path, "ours_omni,hf_omni_grouped_mm", seq=seq, timeout=110)
     model, audio, vision = tiny_omni_towers()
     omni = report["omni"]
     assert omni["flavor"] == "tiny_omni"
@@ -118,20 +116,13 @@ def test_tiny_omni_benchmark_on_cpu(tmp_path):
         assert abs(r["losses"][0] - math.log(V)) < 0.5, (name, r["losses"])
     assert by_name["ours_omni"]["master_weights"] is True
     assert set(report["ratios"]) == {"ours_omni/hf_omni_grouped_mm"}
-    assert "| ours_omni" in proc.stdout and "omni (tiny_omni towers)" in proc.stdout
+    assert "| ours_omni" in stdout and "omni (tiny_omni towers)" in stdout
 
 
 def test_gradient_accumulation_on_cpu(tmp_path):
     """--micro-batches 2: both sides take two micro-batches per optimizer step; tokens per step and the
     figures count both; the first step's loss (the mean over its two micro-batches) is the same model's."""
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(S),
-           "--micro-batch", str(B), "--micro-batches", "2", "--steps", "2", "--warmup", "1",
-           "--which", "ours,hf_eager", "--json", str(out), "--log-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=REPO,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report, _ = run_tiny(tmp_path, "ours,hf_eager", "--micro-batches", "2")
     assert report["tokens_per_step"] == 2 * B * S
     for r in report["results"]:
         assert r["status"] == "ok", r

@@ -56,7 +56,7 @@ def test_unaligned_sizes_take_the_per_expert_path():
     torch.testing.assert_close(out, per_expert_reference(x, [2, 4], weight.unbind(0)))
 
 
-def _per_expert(grads, layers, experts):
+def _per_expert(grads, experts):
     """Grouped grads/weights renamed and split as SequentialMLP names them."""
     out = {}
     for name, value in grads.items():
@@ -101,7 +101,7 @@ def test_thinker_lm_with_grouped_experts_matches_sequential_mlp(megatron_world1,
     tokens = torch.randint(0, TINY.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     loss_seq, grads_seq = _loss_and_grads(sequential, tokens)
     loss_grp, grads_grp = _loss_and_grads(grouped, tokens)
-    grads_grp = _per_expert(grads_grp, TINY.num_layers, TINY.num_experts)
+    grads_grp = _per_expert(grads_grp, TINY.num_experts)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(loss_grp, loss_seq, **tol)
     assert grads_grp.keys() == grads_seq.keys()
@@ -135,21 +135,22 @@ def test_checkpoints_are_sequential_mlps_both_ways(megatron_world1, tmp_path):
         assert ours[entry][0] == theirs[entry][0], entry
         torch.testing.assert_close(ours[entry][1], theirs[entry][1], msg=str(entry))
 
-    for name in ("from_grouped", "from_sequential"):
-        (tmp_path / name).mkdir()
-    dist_checkpointing.save(grouped.sharded_state_dict(), str(tmp_path / "from_grouped"))
-    fresh = build_thinker_lm(SEQUENTIAL, ParallelConfig(), device="cpu", params_dtype=torch.float32)
-    fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(tmp_path / "from_grouped")))
-    for name, value in sequential.state_dict().items():
-        if torch.is_tensor(value):
-            torch.testing.assert_close(fresh.state_dict()[name], value, msg=name)
+    for source, target_cfg, name in ((grouped, SEQUENTIAL, "from_grouped"),
+                                     (sequential, TINY, "from_sequential")):
+        loaded = _through_dist_checkpoint(source, target_cfg, tmp_path / name)
+        for key, value in _per_expert(source.state_dict(), TINY.num_experts).items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(loaded[key], value, msg=key)
 
-    dist_checkpointing.save(sequential.sharded_state_dict(), str(tmp_path / "from_sequential"))
-    again = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=torch.float32)
-    again.load_state_dict(dist_checkpointing.load(again.sharded_state_dict(), str(tmp_path / "from_sequential")))
-    for name, value in grouped.state_dict().items():
-        if torch.is_tensor(value):
-            torch.testing.assert_close(again.state_dict()[name], value, msg=name)
+
+def _through_dist_checkpoint(source, target_cfg, path):
+    """Save ``source`` with dist_checkpointing and load it into a fresh model of ``target_cfg``: that model's
+    state dict, in SequentialMLP's per-expert names."""
+    path.mkdir()
+    dist_checkpointing.save(source.sharded_state_dict(), str(path))
+    target = build_thinker_lm(target_cfg, ParallelConfig(), device="cpu", params_dtype=torch.float32)
+    target.load_state_dict(dist_checkpointing.load(target.sharded_state_dict(), str(path)))
+    return _per_expert(target.state_dict(), TINY.num_experts)
 
 
 def test_under_megatron_ddp_expert_grads_match_sequential_mlp(megatron_world1):
@@ -173,7 +174,7 @@ def test_under_megatron_ddp_expert_grads_match_sequential_mlp(megatron_world1):
         return {n: p.main_grad.clone() for n, p in model.named_parameters()}
 
     sequential = main_grads(SEQUENTIAL)
-    grouped = _per_expert(main_grads(TINY), TINY.num_layers, TINY.num_experts)
+    grouped = _per_expert(main_grads(TINY), TINY.num_experts)
     assert grouped.keys() == sequential.keys()
     assert any(".local_experts." in n and g.abs().sum() > 0 for n, g in grouped.items())
     for name in sequential:

@@ -1,0 +1,122 @@
+"""Where one training step's time goes, for benchmarks/thinker_throughput.py: the trainer's parts labelled
+for the profiler, one profiled step (host and device time, top kernels and operators, optional Chrome
+trace), and the sites of the step's host-device synchronisations."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def label_parts(trainer) -> None:
+    """Name the parts of the trainer's step in profiles (``bench:<part>``): where the host and the device
+    spend the step."""
+    import torch
+
+    import omni_train.loop as loop
+
+    def labelled(label, fn):
+        def wrapped(*args, **kwargs):
+            with torch.profiler.record_function(f"bench:{label}"):
+                return fn(*args, **kwargs)
+        return wrapped
+
+    trainer.forward_backward = labelled("forward_backward", trainer.forward_backward)
+    trainer.optimizer.step = labelled("optimizer_step", trainer.optimizer.step)
+    trainer.nonfinite.check = labelled("nonfinite_check", trainer.nonfinite.check)
+    trainer.model.zero_grad_buffer = labelled("zero_grad_buffer", trainer.model.zero_grad_buffer)
+    if not hasattr(loop._global_losses, "__wrapped_by_bench__"):
+        loop._global_losses = labelled("global_losses", loop._global_losses)
+        loop._global_losses.__wrapped_by_bench__ = True
+
+
+def profile_step(step, device, top: int = 15, trace_path=None) -> dict:
+    """One more step under torch.profiler. On GPU: the device kernels' total time and launch count against
+    the step's wall time, the top kernels by time, and the top operators by the device time of the kernels
+    they launch themselves (self); on CPU, operators by self CPU time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if on_gpu:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    if trace_path:
+        prof.export_chrome_trace(str(trace_path))
+    events = prof.key_averages()
+    key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+
+    def ranked(selected):
+        selected = sorted(selected, key=lambda e: getattr(e, key), reverse=True)[:top]
+        return [dict(name=e.key[:100], calls=e.count, self_s=getattr(e, key) / 1e6) for e in selected]
+
+    # Device-side ranges such as "Optimizer.step#AdamW.step" or our "bench:*" labels are annotations
+    # around kernels, not kernels; "Command Buffer Full" marks the host waiting for room in the launch
+    # queue (the GPU is behind).
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and "#" not in e.key
+               and not e.key.startswith("bench:")]
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.key != "Command Buffer Full"]
+    queue_full = sum(e.count for e in events if e.key == "Command Buffer Full")
+    out = dict(wall_s=wall, launch_queue_full=queue_full, top_ops=ranked(ops))
+    # each labelled part: host time (CPU side) and the span of its kernels (device side)
+    out["parts"] = {e.key.removeprefix("bench:") + (".device" if e.device_type != DeviceType.CPU else ".host"):
+                    (e.device_time_total if e.device_type != DeviceType.CPU else e.cpu_time_total) / 1e6
+                    for e in events if e.key.startswith("bench:")}
+    by_host = sorted((e for e in ops if not e.key.startswith("bench:")),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out["top_host_ops"] = [dict(name=e.key[:100], calls=e.count, self_s=e.self_cpu_time_total / 1e6)
+                           for e in by_host]
+    if on_gpu:
+        out.update(kernel_time_s=sum(e.self_device_time_total for e in kernels) / 1e6,
+                   kernel_launches=sum(e.count for e in kernels), top_kernels=ranked(kernels))
+    return out
+
+
+def sync_sites(step, top: int = 15) -> list:
+    """One more step with torch's CUDA sync debug mode on: where the host waited for the device (each
+    synchronising call, by the innermost omni_train / megatron frames that led to it), with counts."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/omni_train/" in f.filename or "/megatron/" in f.filename]
+        where = " < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
+                           for f in reversed(frames[-3:]))
+        sites[f"{str(message).split(':')[0][:50]} @ {where or filename}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [dict(site=site, count=count) for site, count in sites.most_common(top)]
+
+
+def print_profile(variant: str, prof: dict, syncs: list) -> None:
+    print(f"[{variant}] profiled step: wall {prof['wall_s']:.3f}s, kernels {prof.get('kernel_time_s', 0):.3f}s "
+          f"in {prof.get('kernel_launches', 0)} launches", flush=True)
+    for part, seconds in sorted(prof["parts"].items()):
+        print(f"[{variant}] part {part}: {seconds * 1e3:.2f} ms", flush=True)
+    for row in prof["top_host_ops"][:10]:
+        print(f"[{variant}] host {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']}", flush=True)
+    for row in syncs:
+        print(f"[{variant}] sync {row['count']:4d}x {row['site']}", flush=True)
+    for row in prof.get("top_kernels", [])[:8] + prof["top_ops"][:10]:
+        print(f"[{variant}] {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']}", flush=True)

@@ -22,12 +22,14 @@ def label_parts(trainer) -> None:
         return wrapped
 
     trainer.forward_backward = labelled("forward_backward", trainer.forward_backward)
-    trainer.optimizer.step = labelled("optimizer_step", trainer.optimizer.step)
     trainer.nonfinite.check = labelled("nonfinite_check", trainer.nonfinite.check)
     trainer.model.zero_grad_buffer = labelled("zero_grad_buffer", trainer.model.zero_grad_buffer)
-    if not hasattr(loop._global_losses, "__wrapped_by_bench__"):
-        loop._global_losses = labelled("global_losses", loop._global_losses)
-        loop._global_losses.__wrapped_by_bench__ = True
+    for name, label in (("grad_norm", "grad_norm"), ("apply_update", "optimizer_step"),
+                        ("_global_losses", "global_losses")):
+        fn = getattr(loop, name)
+        if not hasattr(fn, "__wrapped_by_bench__"):
+            setattr(loop, name, labelled(label, fn))
+            getattr(loop, name).__wrapped_by_bench__ = True
 
 
 def profile_step(step, device, top: int = 15, trace_path=None) -> dict:

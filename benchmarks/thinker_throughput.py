@@ -21,7 +21,9 @@ No load-balancing loss on either side (ours: aux_loss_coeff=0). bf16 on GPU, fp3
 runs in a fresh subprocess (its own peak memory; an OOM or a timeout loses only that variant). FLOPs per
 token are ``omni_train.metrics.flops_per_token`` (Megatron's MoE formula) for both; MFU uses
 ``omni_train.metrics.device_peak_flops`` (989 TFLOP/s on H100 and H200). tokens/s = micro_batch *
-micro_batches * seq_length / mean step time over the timed steps (device synchronised around each step). Peak memory:
+micro_batches * seq_length / mean step time over the timed steps, run back to back as a training loop
+runs them (the device synchronised before the first and after the last; transformers' loss is read after
+the window, ours is read by the trainer before each update, as it logs it). Peak memory:
 ``torch.cuda.max_memory_allocated`` over the timed steps (max RSS of the process on CPU).
 
 Variants on the same text batches and LM sizes:
@@ -286,7 +288,7 @@ def build_hf(variant: str, spec: dict, device):
         losses = [micro_step(next(batches)) for _ in range(per_step)]
         torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
         optimizer.step()
-        return torch.stack(losses).mean().item()
+        return torch.stack(losses).mean()  # read after the timed steps (transformers' Trainer syncs to log)
 
     towers = _tower_parameters(model)
     total = sum(p.numel() for p in model.parameters())
@@ -306,21 +308,26 @@ def _peak_gib(device) -> float:
 
 
 def time_steps(step, spec: dict, device) -> dict:
-    """Warm-up steps, then ``steps`` timed ones, each between two device synchronisations."""
+    """Warm-up steps, then ``steps`` timed ones back to back, as a training loop runs them: the device is
+    synchronised before the first and after the last only, so a step's device work may overlap the host's
+    launch of the next one. ``step_times_s``: the host time from one step's return to the next (the last
+    one up to the final synchronisation); they add up to the timed window."""
     import torch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    losses = [step() for _ in range(spec["warmup"])]
+    losses = [float(step()) for _ in range(spec["warmup"])]
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    timed, marks = [], [time.perf_counter()]
     for _ in range(spec["steps"]):
-        start = time.perf_counter()
-        losses.append(step())
-        sync()
-        times.append(time.perf_counter() - start)
-    return dict(step_times_s=times, losses=losses, peak_memory_gib=_peak_gib(device))
+        timed.append(step())
+        marks.append(time.perf_counter())
+    sync()
+    marks[-1] = time.perf_counter()
+    times = [b - a for a, b in zip(marks, marks[1:])]
+    return dict(step_times_s=times, losses=losses + [float(loss) for loss in timed],
+                peak_memory_gib=_peak_gib(device))
 
 
 def worker(variant: str, spec: dict, result_path: Path) -> None:

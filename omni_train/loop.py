@@ -6,6 +6,7 @@ loop itself never asks which stage it runs.
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from pathlib import Path
@@ -33,13 +34,8 @@ from omni_train.metrics import MetricsLogger, Throughput, peak_memory_gib
 from omni_train.models.moe_load import ExpertLoadTracker
 from omni_train.parallel.context_parallel import split_for_context_parallel
 from omni_train.parallel.setup import ParallelEnv
-from omni_train.parallel.wrap import (
-    build_optimizer,
-    build_scheduler,
-    finalize_grads,
-    use_fused_adamw,
-    wrap_data_parallel,
-)
+from omni_train.parallel.update import GradScaling, apply_update, finalize_grads, grad_norm
+from omni_train.parallel.wrap import build_optimizer, build_scheduler, use_fused_adamw, wrap_data_parallel
 from omni_train.resilience import NonFiniteGuard, Preempted, Preemption, explain_collective_failures
 from omni_train.stages import Phase, Stage, apply_trainable, load_stage, phase_at, phase_plan
 
@@ -90,6 +86,8 @@ class Trainer:
         self.logger = MetricsLogger(cfg.logger, self.run_dir, resolved) if env.is_main else None
         self.throughput = Throughput(cfg.model, cfg.trainer.seq_length, env.world_size)
         self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.max_nonfinite_skips, env.device)
+        self.preemption: Optional[Preemption] = None  # set by fit(); train_step asks it before each update
+        self.stop_requested = False
 
     def _setup(self, phase: Phase) -> None:
         """Model, optimizer and LR schedule for one phase: only its trainable parameters get gradient
@@ -120,7 +118,8 @@ class Trainer:
         """What megatron's forward/backward schedule calls back into (as Megatron-LM's trainer does)."""
         config = get_model_config(self.model)
         config.no_sync_func = self.model.no_sync
-        config.finalize_model_grads_func = finalize_grads
+        self.grad_scaling = GradScaling()
+        config.finalize_model_grads_func = functools.partial(finalize_grads, pending=self.grad_scaling)
         config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
 
@@ -163,6 +162,9 @@ class Trainer:
         return _to_device(batch, self.env.device)
 
     def train_step(self) -> Dict[str, float]:
+        """One optimizer step. Everything the host must know about the step (loss, non-finite verdict,
+        grad norm, a pending preemption) is settled before the update is launched, and nothing waits for
+        the update: the host goes on to prepare and launch the next step while the GPU runs AdamW."""
         trainer = self.cfg.trainer
         micro = [self._prepare(batch) for batch in self.data.next_microbatches()]
         batches = iter(micro)
@@ -175,16 +177,23 @@ class Trainer:
         )
         # The LR of step s+1 (1-based) applies to this update; the schedule ends at max_steps.
         self.scheduler.step(increment=1)
-        skip = self.nonfinite.check(self.state.step + 1, reports, micro, self.model, self.state)
-        _, grad_norm, _ = (False, None, None) if skip else self.optimizer.step()
+        # The grads are still sums over target tokens: the division and the clipping happen inside AdamW.
+        overflow = self.optimizer.prepare_grads()  # True only for fp16 loss scaling that overflowed
+        norm = grad_norm(self.optimizer, self.grad_scaling)
+        skip = self.nonfinite.check(self.state.step + 1, reports, micro, self.model, self.state, norm) or overflow
+        values = {
+            **_global_losses(reports, self.env.device),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float("nan") if skip else float(norm),
+        }
+        # collective: every rank agrees now, and stops after this step
+        self.stop_requested = self.preemption is not None and self.preemption.requested()
+        if not skip:
+            apply_update(self.optimizer, norm, self.grad_scaling, self.cfg.optim.clip_grad)
         self.state.step += 1
         self.state.consumed_samples += trainer.global_batch_size
         self.throughput.add(trainer.global_batch_size * trainer.seq_length)
-        return {
-            **_global_losses(reports, self.env.device),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        }
+        return values
 
     def _log(self, values: Dict[str, float]) -> None:
         imbalance = self.load_tracker.imbalance(
@@ -210,13 +219,13 @@ class Trainer:
         if self.state.step >= last:
             self._say(f"nothing to do: already at step {self.state.step} (target {last})")
         saved_at = self.state.step
-        preemption = Preemption(self.env.device)
+        preemption = self.preemption = Preemption(self.env.device)
         while self.state.step < last:
             values = self.train_step()
             step = self.state.step
             if step % trainer.log_every == 0 or step == last:
                 self._log(values)
-            if preemption.requested():  # collective: every rank stops after the same step
+            if self.stop_requested:  # agreed by all ranks in train_step
                 self._say(f"received {preemption.signal_name} during step {step}: saving a checkpoint")
                 break
             if step % ckpt.save_every == 0:
@@ -233,6 +242,7 @@ class Trainer:
         if self.logger is not None:
             self.logger.finish()
         preemption.restore()
+        self.preemption = None
         if preemption.signal_name and not finished:
             self._say(f"received {preemption.signal_name}: saved step_{self.state.step:08d}, exiting "
                       f"(rerun to resume)")

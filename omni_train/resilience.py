@@ -153,14 +153,21 @@ class NonFiniteGuard:
         self.policy, self.max_skips, self.device = policy, max_skips, device
 
     def check(self, step: int, reports: List[Dict[str, Any]], micro_batches: List[Dict[str, Any]],
-              model, state) -> bool:
+              model, state, grad_norm: Optional[torch.Tensor] = None) -> bool:
         """Collective. True: skip this step's update (``state.nonfinite_skipped`` counts it). Raises
-        NonFiniteError under the stop policy or past ``max_skips``."""
+        NonFiniteError under the stop policy or past ``max_skips``.
+
+        ``grad_norm``, the step's global gradient norm, stands for the gradients when given (a NaN or Inf
+        anywhere makes it non-finite; so would a finite gradient whose square overflows fp32, ~1e19):
+        no pass over the gradient buffers. Without it, the buffers are scanned."""
         # One flag per micro-batch (its loss report) and one for all gradients, on the device: one sync.
         no = torch.zeros((), dtype=torch.bool, device=self.device)
         micro_bad = [torch.stack([no] + [~torch.isfinite(v).all() for v in report.values()
                                          if torch.is_tensor(v)]).any() for report in reports]
-        grads_bad = torch.stack([no] + [_has_nonfinite(g) for g in _grad_buffers(model)]).any()
+        if grad_norm is not None:
+            grads_bad = ~torch.isfinite(grad_norm.to(self.device))
+        else:
+            grads_bad = torch.stack([no] + [_has_nonfinite(g) for g in _grad_buffers(model)]).any()
         local = torch.stack([torch.stack([no] + micro_bad).any(), grads_bad]).to(torch.int32)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX)
@@ -199,6 +206,8 @@ class NonFiniteGuard:
         if first_bad:
             lines.append(f"  first parameter with a non-finite gradient: {first_bad['bad_param']} "
                          f"(rank {first_bad['rank']})")
+        elif bad_grad:
+            lines.append("  every gradient is finite, but their global norm overflowed fp32 (gradients ~1e19)")
         for view in views:
             lines.append(f"  rank {view['rank']}: sample keys of step {step}: {_shown(view['keys'])}")
         return "\n".join(lines)

@@ -34,6 +34,8 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from omni_train.models.compiled import fused
+
 # torch._grouped_mm needs every row stride to be a multiple of 16 bytes.
 _ALIGN_BYTES = 16
 PROJECTIONS = ("linear_fc1", "linear_fc2")
@@ -59,6 +61,17 @@ def grouped_linear(x: torch.Tensor, tokens_per_expert: torch.Tensor, weight: tor
         return torch.cat([piece @ w.t() for piece, w in zip(pieces, weight.unbind(0))])
     offsets = torch.cumsum(tokens_per_expert.to(device=x.device), 0, dtype=torch.int32)
     return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+
+
+def weighted_glu(x: torch.Tensor, probs: torch.Tensor, activation, clamp, linear_offset) -> torch.Tensor:
+    """SwiGLU-style gating of the first projection's output ``x`` ([rows, 2 * ffn]: gate, then linear),
+    times each row's routing probability, in ``x``'s dtype; megatron's SequentialMLP computes the same."""
+    gate, linear = torch.chunk(x, 2, dim=-1)
+    if clamp is not None:
+        gate = gate.clamp(min=None, max=clamp)
+        linear = linear.clamp(min=-clamp, max=clamp)
+    intermediate = activation(gate) * (linear + linear_offset)
+    return (intermediate * probs.unsqueeze(-1)).to(x.dtype)
 
 
 def stacked_name(projection: str) -> str:
@@ -95,22 +108,13 @@ class GroupedExperts(SequentialMLP):
             del layer._parameters["weight"]
         self.register_parameter(stacked_name(projection), stack)
 
-    def _glu(self, x: torch.Tensor) -> torch.Tensor:
-        gate, linear = torch.chunk(x, 2, dim=-1)
-        clamp = self.config.activation_func_clamp_value
-        if clamp is not None:
-            gate = gate.clamp(min=None, max=clamp)
-            linear = linear.clamp(min=-clamp, max=clamp)
-        return self.config.activation_func(gate) * (linear + self.config.glu_linear_offset)
-
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states
-        intermediate = self._glu(grouped_linear(x, tokens_per_expert, self.linear_fc1_weight))
-        # as megatron's MLP: routing probability applied after the activation, back in the input dtype
-        intermediate = (intermediate * permuted_probs.unsqueeze(-1)).to(x.dtype)
+        cfg = self.config
+        glu = fused(weighted_glu, x.device)  # one Triton kernel forward and one backward on CUDA
+        intermediate = glu(grouped_linear(x, tokens_per_expert, self.linear_fc1_weight), permuted_probs,
+                           cfg.activation_func, cfg.activation_func_clamp_value, cfg.glu_linear_offset)
         return grouped_linear(intermediate, tokens_per_expert, self.linear_fc2_weight), None
-
-    # ----- checkpoints: SequentialMLP's per-expert layout -------------------------------------------------
 
     @contextlib.contextmanager
     def _per_expert_weights(self):

@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_mo
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models.attention import SDPAttention
+from omni_train.models.cross_entropy import cross_entropy
 from omni_train.models.grouped_experts import GroupedExperts
 from omni_train.models.local_dispatch import OmniMoELayer
 from omni_train.models.rotary import InterleavedMRotaryEmbedding
@@ -246,28 +247,21 @@ def recompute_layers(model: GPTModel) -> None:
         layer.forward = checkpointed
 
 
-# fp32 logits of at most this many bytes at a time in the loss (see ThinkerGPTModel)
-_LOSS_CHUNK_BYTES = 1 << 29
-
-
 class ThinkerGPTModel(GPTModel):
-    """megatron's GPTModel; without tensor parallelism the loss is torch's cross-entropy on fp32 logits.
+    """megatron's GPTModel; without tensor parallelism the loss is our cross-entropy on the bf16 logits.
 
     megatron's vocab-parallel cross-entropy (needed when the vocabulary is split over TP ranks) makes ~8
-    passes over the [tokens, vocab] fp32 logits (upcast copy, max, subtract, exp, sum, divide; in backward a
-    copy and a multiply): ~25 ms per step at 8k tokens and Qwen3-Omni's 152k vocabulary on an H100. torch's
-    fused log-softmax / NLL kernels need about half of that. They run over chunks of tokens so that only
-    one chunk's fp32 upcast is alive at a time: what is kept for the backward (the fp32 log-probabilities)
-    is then what megatron keeps (its fp32 softmax), and the peak is not higher. Same function."""
+    passes over an fp32 copy of the [tokens, vocab] logits (upcast, max, subtract, exp, sum, divide; in
+    backward a copy and a multiply) and keeps that copy for backward: ~25 ms per step and 5 GB at 8k tokens
+    and Qwen3-Omni's 152k vocabulary on an H100. ``models.cross_entropy`` reads the bf16 logits once
+    forward and once backward and keeps nothing but them and one number per token. Same function."""
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if parallel_state.get_tensor_model_parallel_world_size() > 1 or self.config.cross_entropy_loss_fusion:
             return super().compute_language_model_loss(labels, logits)
         # logits [s, b, v], labels [b, s] -> loss [b, s]; tokens in [s, b] order, the big tensor never reordered
         seq, batch, vocab = logits.shape
-        rows = max(1, _LOSS_CHUNK_BYTES // (4 * vocab))
-        pieces = zip(logits.view(-1, vocab).split(rows), labels.t().reshape(-1).split(rows))
-        loss = torch.cat([F.cross_entropy(chunk.float(), target, reduction="none") for chunk, target in pieces])
+        loss = cross_entropy(logits.reshape(-1, vocab), labels.t().reshape(-1))
         return loss.view(seq, batch).t().contiguous()
 
 

@@ -55,7 +55,7 @@ def build_optimizer(cfg: OptimConfig, model: DistributedDataParallel, parallel: 
     return optimizer
 
 
-def _torch_optimizers(optimizer):
+def torch_optimizers(optimizer):
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         if getattr(inner, "optimizer", None) is not None:
             yield inner.optimizer
@@ -66,7 +66,7 @@ def use_fused_adamw(optimizer) -> None:
     per step, on CPU and GPU) and move any loaded step counts to the parameters' device, as the fused kernel
     wants them. Without Apex or TE megatron builds torch.optim.AdamW with its default, the foreach path
     (about 10 passes over the optimizer state). Call again after loading optimizer state."""
-    for inner in _torch_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         if not isinstance(inner, torch.optim.AdamW):
             continue
         for group in inner.param_groups:
@@ -94,23 +94,30 @@ def build_scheduler(cfg: OptimConfig, trainer: TrainerConfig, optimizer) -> Opti
     )
 
 
+def finalize_model_grads_reduced(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """megatron's ``finalize_model_grads`` without its per-token scaling (gradient all-reduces, shared
+    embeddings, expert bias); returns the step's number of target tokens as a host float (None without
+    per-token loss). Same groups as megatron: the count comes from the last pipeline stage and is summed
+    over data x context parallel ranks."""
+    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    if num_tokens is None:
+        return None
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    torch.distributed.all_reduce(num_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return num_tokens.item()
+
+
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
-    """megatron's ``finalize_model_grads`` (gradient all-reduces, shared embeddings, expert bias), with the
-    per-token loss scaling done by a host number.
+    """megatron's ``finalize_model_grads``, with the per-token loss scaling done by a host number.
 
     megatron scales the grad buffers by ``1 / num_tokens`` held in a 0-dim CUDA tensor: a bf16 buffer times
     an fp32 tensor falls to torch's generic (non-vectorised) elementwise kernel, ~3 ms per pass over each
     buffer at 3B parameters, 4x slower than its bandwidth allows. The token count is read on the host anyway
-    (megatron's own ``if num_tokens > 0``); scaling by that float runs the vectorised kernel. Same groups as
-    megatron: the count comes from the last pipeline stage and is summed over data x context parallel ranks.
+    (megatron's own ``if num_tokens > 0``); scaling by that float runs the vectorised kernel. (The trainer
+    avoids even that pass: parallel/update.py folds the scaling into AdamW.)
     """
-    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
-    if num_tokens is None:
-        return
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
-    torch.distributed.all_reduce(num_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    total = num_tokens.item()
-    if total > 0:
+    total = finalize_model_grads_reduced(model, num_tokens, pg_collection, force_all_reduce)
+    if total:
         for chunk in model:
             chunk.scale_gradients(1.0 / total)

@@ -1,6 +1,7 @@
 """Grouped-GEMM experts: the same function, gradients and checkpoints as megatron's SequentialMLP."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -185,3 +186,25 @@ def test_unknown_experts_impl_is_refused(megatron_world1):
     with pytest.raises(ValueError, match="experts_impl"):
         build_thinker_lm(dataclasses.replace(TINY, experts_impl="batched"), ParallelConfig(), device="cpu",
                          params_dtype=torch.float32)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU backend needs a C++ compiler")
+def test_weighted_glu_compiled_equals_eager():
+    """weighted_glu as CUDA runs it (torch.compile; here inductor's CPU backend): values and both
+    gradients equal its eager run."""
+    import torch.nn.functional as F
+
+    from omni_train.models.compiled import compiled
+    from omni_train.models.grouped_experts import weighted_glu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 16, generator=g, requires_grad=True)
+    probs = torch.rand(24, generator=g, requires_grad=True)
+    weights = torch.randn(24, 8, generator=g)
+    results = []
+    for fn in (weighted_glu, compiled(weighted_glu)):
+        out = fn(x, probs, F.silu, None, 0.0)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), (x, probs))))
+    for eager, fused in zip(*results):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)

@@ -166,14 +166,14 @@ def test_describe_shards_layout():
 
 
 def test_chunked_loss_equals_megatrons_cross_entropy(megatron_world1, monkeypatch):
-    """The tp=1 loss (torch's cross-entropy over token chunks) against megatron's vocab-parallel one, for
-    the value and the gradient of the logits, with chunks smaller than the batch."""
+    """The tp=1 loss (models.cross_entropy, eager over token chunks on CPU) against megatron's
+    vocab-parallel one, for the value and the gradient of the logits, with chunks smaller than the batch."""
     from megatron.core import tensor_parallel
 
-    import omni_train.models.thinker_lm as thinker_lm
+    import omni_train.models.cross_entropy as ce
 
     model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=torch.float32)
-    monkeypatch.setattr(thinker_lm, "_LOSS_CHUNK_BYTES", 4 * TINY.vocab_size * 5)  # 5 tokens per chunk
+    monkeypatch.setattr(ce, "_EAGER_CHUNK_BYTES", 16 * TINY.vocab_size * 5)  # 5 tokens per chunk
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(7, 3, TINY.vocab_size, generator=g, requires_grad=True)  # [s, b, v]
     labels = torch.randint(0, TINY.vocab_size, (3, 7), generator=g)  # [b, s]

@@ -1,0 +1,30 @@
+"""torch.compile for the few elementwise chains that dominate memory traffic, where it pays: on CUDA,
+where inductor fuses each chain into one Triton kernel. Elsewhere (CPU CI, a GPU image without Triton)
+the same Python functions run eagerly, so every device runs the same code."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401  (inductor's GPU backend)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable) -> Callable:
+    """``fn`` compiled once per process (inductor, whole graph)."""
+    return torch.compile(fn, fullgraph=True)
+
+
+def fused(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` compiled when on CUDA with Triton, else ``fn`` itself."""
+    return compiled(fn) if device.type == "cuda" and triton_available() else fn

@@ -1,0 +1,100 @@
+"""parallel.update (token scaling and clipping folded into fused AdamW's grad_scale) against megatron's own
+step: finalize_model_grads' scaling, its grad norm, its clipping, then AdamW."""
+
+import pytest
+import torch
+from megatron.core.distributed import finalize_model_grads
+
+from omni_train.config.schema import ModelConfig, OptimConfig, ParallelConfig
+from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.parallel.update import GradScaling, apply_update, finalize_grads, grad_norm
+from omni_train.parallel.wrap import build_optimizer, wrap_data_parallel
+
+TINY = ModelConfig(
+    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+    num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=32,
+    mrope_section=[4, 2, 2],
+)
+
+
+def _train(dtype, clip_grad: float, ours: bool, steps: int = 3):
+    torch.manual_seed(0)
+    model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=dtype)
+    bf16 = dtype == torch.bfloat16
+    ddp = wrap_data_parallel(model, ParallelConfig(), on_gpu=False, fp32_grads=not bf16)
+    # eps comparable to the grads: AdamW's update then depends on the grads' scale (token count, clipping)
+    cfg = OptimConfig(lr=1e-2, clip_grad=clip_grad, master_weights=not bf16, weight_decay=0.1, eps=1e-4)
+    optimizer = build_optimizer(cfg, ddp, ParallelConfig(), bf16=bf16, on_gpu=False)
+    scaling = GradScaling()
+    norms, grads = [], []
+    for step in range(steps):
+        tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(step))
+        positions = torch.arange(16).expand(3, 2, 16)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = ddp(tokens, positions, None, labels=tokens.roll(-1, dims=1))
+        mask = torch.ones_like(loss)
+        mask[:, -3:] = 0
+        (loss * mask).sum().backward()
+        count = torch.tensor(int(mask.sum()), dtype=torch.int)
+        if ours:
+            finalize_grads([ddp], count, pending=scaling)
+            assert scaling.tokens == 26
+            assert not optimizer.prepare_grads()
+            norm = grad_norm(optimizer, scaling)
+            apply_update(optimizer, norm, scaling, clip_grad)
+            norms.append(float(norm))
+        else:
+            finalize_model_grads([ddp], count)
+            _, norm, _ = optimizer.step()
+            norms.append(norm)
+        # both leave the grads AdamW used (divided by the tokens, clipped) in the grad buffers
+        grads.append(torch.cat([p.main_grad.float().flatten() for p in model.parameters()]))
+    return norms, {n: p.detach().float().clone() for n, p in model.named_parameters()}, grads
+
+
+def _initial(dtype):
+    torch.manual_seed(0)
+    model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=dtype)
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clip_grad", [0.05, 1e9])  # clipping active in every step; never
+def test_update_equals_megatrons_step(megatron_world1, dtype, clip_grad):
+    ours_norms, ours, ours_grads = _train(dtype, clip_grad, ours=True)
+    ref_norms, ref, ref_grads = _train(dtype, clip_grad, ours=False)
+    if clip_grad < 1:
+        assert min(ref_norms) > clip_grad  # the test exercises clipping
+    initial = _initial(dtype)
+    if dtype == torch.float32:
+        assert ours_norms == pytest.approx(ref_norms, rel=1e-5)
+        for step, (grad, ref_grad) in enumerate(zip(ours_grads, ref_grads)):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7, msg=f"grads of step {step}")
+        for name in ref:
+            torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    else:
+        # bf16 grads: ours rounds grad / divisor once (inside AdamW), megatron twice (two multiplies), and
+        # Adam's m / sqrt(v) amplifies that on near-zero grads; the updates agree to ~1% on average
+        assert ours_norms == pytest.approx(ref_norms, rel=1e-3)
+        # from the same parameters (later steps start from parameters a few bf16 ulps apart)
+        torch.testing.assert_close(ours_grads[0], ref_grads[0], rtol=2e-2, atol=1e-6)
+        for name in ref:  # parameters ~1 (norm weights) differ by single bf16 ulps (0.0078) here and there
+            moved = (ref[name] - initial[name]).abs().mean()
+            assert (ours[name] - ref[name]).abs().mean() <= 0.1 * moved, name
+    assert sum(not torch.equal(ours[n], initial[n]) for n in ref) > len(ref) // 2  # it trained
+
+
+def test_grad_norm_non_finite_stands_for_the_gradients(megatron_world1):
+    """A NaN in one gradient makes the norm NaN (what NonFiniteGuard reads instead of scanning buffers)."""
+    torch.manual_seed(0)
+    model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=torch.float32)
+    ddp = wrap_data_parallel(model, ParallelConfig(), on_gpu=False)
+    optimizer = build_optimizer(OptimConfig(), ddp, ParallelConfig(), bf16=False, on_gpu=False)
+    ddp.zero_grad_buffer()
+    model.decoder.layers[1].mlp.router.weight.main_grad[0, 0] = float("nan")
+    optimizer.prepare_grads()
+    assert torch.isnan(grad_norm(optimizer, GradScaling(tokens=4.0)))
+    model.decoder.layers[1].mlp.router.weight.main_grad[0, 0] = 3.0
+    model.embedding.word_embeddings.weight.main_grad[1, 1] = 4.0
+    assert float(grad_norm(optimizer, GradScaling(tokens=2.0))) == pytest.approx(2.5)

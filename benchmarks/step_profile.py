@@ -79,6 +79,62 @@ def profile_step(step, device, top: int = 15, trace_path=None) -> dict:
     return out
 
 
+def phase_timeline(trainer, step, device, steps: int = 4) -> dict:
+    """Without a profiler (whose per-operator cost inflates host time), ``steps`` steps back to back with
+    host clocks and CUDA events at each step's start and at the end of its forward pass (megatron's
+    forward_step returns): per step, median over the steps, in ms,
+
+    - ``host_forward``: the host's time to launch the forward (step start to forward_step's return);
+    - ``device_forward``: the device's time from reaching the step start (the previous update done) to
+      finishing the forward; equal to ``host_forward`` minus the head start the host got while the device
+      ran the previous update, when the host is the bottleneck;
+    - ``host_step`` / ``device_step``: step start to the next step's start.
+    """
+    import statistics
+
+    import torch
+
+    on_gpu = device.type == "cuda"
+    marks = []  # (name, host time, event)
+
+    def mark(name):
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        marks.append((name, time.perf_counter(), event))
+
+    forward_step = trainer._forward_step
+
+    def timed_forward_step(data_iterator, model):
+        out = forward_step(data_iterator, model)
+        mark("forward")
+        return out
+
+    trainer._forward_step = timed_forward_step
+    try:
+        if on_gpu:
+            torch.cuda.synchronize()
+        for _ in range(steps):
+            mark("start")
+            step()
+        mark("start")
+        if on_gpu:
+            torch.cuda.synchronize()
+    finally:
+        trainer._forward_step = forward_step
+    starts = [i for i, m in enumerate(marks) if m[0] == "start"]
+    rows = {"host_forward": [], "device_forward": [], "host_step": [], "device_step": []}
+    for a, b in zip(starts, starts[1:]):
+        fwd = next(i for i in range(a, b) if marks[i][0] == "forward")  # the first micro-batch's forward
+        rows["host_forward"].append((marks[fwd][1] - marks[a][1]) * 1e3)
+        rows["host_step"].append((marks[b][1] - marks[a][1]) * 1e3)
+        if on_gpu:
+            rows["device_forward"].append(marks[a][2].elapsed_time(marks[fwd][2]))
+            rows["device_step"].append(marks[a][2].elapsed_time(marks[b][2]))
+    return {k: round(statistics.median(v), 2) for k, v in rows.items() if v}
+
+
 def sync_sites(step, top: int = 15) -> list:
     """One more step with torch's CUDA sync debug mode on: where the host waited for the device (each
     synchronising call, by the innermost omni_train / megatron frames that led to it), with counts."""

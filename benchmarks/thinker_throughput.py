@@ -204,7 +204,9 @@ def build_ours(variant: str, spec: dict, device):
                 optimizer=type(trainer.optimizer).__name__, token_dispatcher=cfg.parallel.token_dispatcher,
                 distributed_optimizer=on_gpu and cfg.parallel.distributed_optimizer,
                 master_weights=getattr(cfg.optim, "master_weights", True))
-    return (lambda: trainer.train_step()["loss"]), info
+    step = lambda: trainer.train_step()["loss"]  # noqa: E731
+    step.trainer = trainer
+    return step, info
 
 
 def hf_thinker_config(m, impl: str, placeholder_ids=None):
@@ -335,7 +337,7 @@ def worker(variant: str, spec: dict, result_path: Path) -> None:
     import warnings
 
     import torch
-    from step_profile import print_profile, profile_step, sync_sites
+    from step_profile import phase_timeline, print_profile, profile_step, sync_sites
 
     warnings.filterwarnings("ignore")
     logging.getLogger("megatron").setLevel(logging.WARNING)
@@ -360,6 +362,10 @@ def worker(variant: str, spec: dict, result_path: Path) -> None:
         if device.type == "cuda":
             result["syncs"] = sync_sites(step)
             result_path.write_text(json.dumps(result))
+        if hasattr(step, "trainer"):
+            result["phases"] = phase_timeline(step.trainer, step, device)
+            result_path.write_text(json.dumps(result))
+            print(f"[{variant}] phases {result['phases']}", flush=True)
         print_profile(variant, result["profile"], result.get("syncs", []))
 
 

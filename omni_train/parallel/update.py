@@ -12,13 +12,14 @@ gradient by a ``grad_scale`` tensor inside its one kernel (the hook torch's AMP 
 - ``apply_update`` hands AdamW ``grad_scale = tokens * max(1, norm / clip_grad)``, megatron's clipping rule
   (coefficient ``clip_grad / (norm + 1e-6)`` when below 1), computed on the device.
 
-The trainer reads the norm as a float once, together with the non-finite check (resilience.py).
+The host waits for nothing here: the token count stays on the device. The trainer reads the norm once,
+with the non-finite check (resilience.py), before it launches the update.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Iterator, List, Union
 
 import torch
 import torch.distributed as dist
@@ -28,16 +29,17 @@ from omni_train.parallel.wrap import finalize_model_grads_reduced, torch_optimiz
 
 @dataclass
 class GradScaling:
-    """What the gradient buffers still have to be divided by: the step's number of target tokens."""
+    """What the gradient buffers still have to be divided by: the step's number of target tokens (at
+    least 1), a device tensor that the host never waits for, or a number."""
 
-    tokens: float = 1.0
+    tokens: Union[torch.Tensor, float] = 1.0
 
 
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False, *,
                    pending: GradScaling) -> None:
     """megatron's gradient reductions, with the per-token loss scaling left to ``apply_update``."""
     total = finalize_model_grads_reduced(model, num_tokens, pg_collection, force_all_reduce)
-    pending.tokens = total if total else 1.0
+    pending.tokens = 1.0 if total is None else total.float().clamp(min=1.0)
 
 
 def _stepping(optimizer) -> Iterator:
@@ -77,7 +79,7 @@ def apply_update(optimizer, norm: torch.Tensor, scaling: GradScaling, clip_grad:
     """AdamW on ``grad / scaling.tokens``, clipped to total norm ``clip_grad`` (0: no clipping), with the
     division done inside torch's fused AdamW kernel. Then megatron's own post-step work (copy of fp32 main
     params into the bf16 model, distributed-optimizer all-gather)."""
-    divisor = norm.new_full((), scaling.tokens)
+    divisor = torch.as_tensor(scaling.tokens, dtype=torch.float32).to(norm.device).reshape(())
     if clip_grad > 0:
         divisor = divisor * torch.clamp((norm + 1.0e-6) / clip_grad, min=1.0)
     inners = list(torch_optimizers(optimizer))

@@ -96,16 +96,16 @@ def build_scheduler(cfg: OptimConfig, trainer: TrainerConfig, optimizer) -> Opti
 
 def finalize_model_grads_reduced(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """megatron's ``finalize_model_grads`` without its per-token scaling (gradient all-reduces, shared
-    embeddings, expert bias); returns the step's number of target tokens as a host float (None without
-    per-token loss). Same groups as megatron: the count comes from the last pipeline stage and is summed
-    over data x context parallel ranks."""
+    embeddings, expert bias); returns the step's number of target tokens as a device tensor (None without
+    per-token loss), not read by the host. Same groups as megatron: the count comes from the last
+    pipeline stage and is summed over data x context parallel ranks."""
     finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
     if num_tokens is None:
         return None
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
     torch.distributed.all_reduce(num_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return num_tokens.item()
+    return num_tokens
 
 
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
@@ -118,6 +118,7 @@ def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=
     avoids even that pass: parallel/update.py folds the scaling into AdamW.)
     """
     total = finalize_model_grads_reduced(model, num_tokens, pg_collection, force_all_reduce)
+    total = None if total is None else total.item()
     if total:
         for chunk in model:
             chunk.scale_gradients(1.0 / total)

@@ -39,7 +39,7 @@ def _train(dtype, clip_grad: float, ours: bool, steps: int = 3):
         count = torch.tensor(int(mask.sum()), dtype=torch.int)
         if ours:
             finalize_grads([ddp], count, pending=scaling)
-            assert scaling.tokens == 26
+            assert float(scaling.tokens) == 26
             assert not optimizer.prepare_grads()
             norm = grad_norm(optimizer, scaling)
             apply_update(optimizer, norm, scaling, clip_grad)

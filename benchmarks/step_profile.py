@@ -22,10 +22,10 @@ def label_parts(trainer) -> None:
         return wrapped
 
     trainer.forward_backward = labelled("forward_backward", trainer.forward_backward)
-    trainer.nonfinite.check = labelled("nonfinite_check", trainer.nonfinite.check)
+    trainer.nonfinite.flags = labelled("nonfinite_flags", trainer.nonfinite.flags)
     trainer.model.zero_grad_buffer = labelled("zero_grad_buffer", trainer.model.zero_grad_buffer)
     for name, label in (("grad_norm", "grad_norm"), ("apply_update", "optimizer_step"),
-                        ("_global_losses", "global_losses")):
+                        ("_loss_sums", "loss_sums")):
         fn = getattr(loop, name)
         if not hasattr(fn, "__wrapped_by_bench__"):
             setattr(loop, name, labelled(label, fn))

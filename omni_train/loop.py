@@ -44,10 +44,10 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _global_losses(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> Dict[str, float]:
-    """Mean loss per token over the global batch, as every rank sees it: ``loss``, and ``loss_<modality>``
-    with its ``target_tokens_<modality>`` for each modality (data.packing.MODALITIES) with target tokens
-    in this batch, when the stage reports them.
+def _loss_sums(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """Collective, without waiting for the device: float64 [1 + len(MODALITIES), 2], (loss sum, target
+    tokens) over the global batch for the loss and for each modality (data.packing.MODALITIES), when the
+    stage reports them.
 
     Loss lives on the last pipeline stage; tensor-parallel ranks hold copies, so only tp rank 0 of the
     last stage contributes its (loss sum, token count) pairs to a world-wide sum.
@@ -61,13 +61,35 @@ def _global_losses(reports: List[Dict[str, torch.Tensor]], device: torch.device)
             if "modality_loss" in report:
                 total[1:] += report["modality_loss"].to(device, torch.float64)
     dist.all_reduce(total)
-    total = total.tolist()
+    return total
+
+
+def _mean_losses(total: List[List[float]]) -> Dict[str, float]:
+    """Mean loss per token from ``_loss_sums``: ``loss``, and ``loss_<modality>`` with its
+    ``target_tokens_<modality>`` for each modality with target tokens in this batch."""
     losses = {"loss": total[0][0] / max(total[0][1], 1.0)}
     for name, (loss_sum, count) in zip(MODALITIES, total[1:]):
         if count > 0:
             losses[f"loss_{name}"] = loss_sum / count
             losses[f"target_tokens_{name}"] = count
     return losses
+
+
+def _global_losses(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> Dict[str, float]:
+    """The mean losses of the global batch, as every rank sees it (collective)."""
+    return _mean_losses(_loss_sums(reports, device).tolist())
+
+
+def _to_host(tensor: torch.Tensor):
+    """Start copying ``tensor`` to the host; returns (host tensor, CUDA event to wait on, or None). Waiting
+    on the event waits for the work queued so far only, not for what is launched after this call."""
+    if tensor.device.type != "cuda":
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 class Trainer:
@@ -162,9 +184,9 @@ class Trainer:
         return _to_device(batch, self.env.device)
 
     def train_step(self) -> Dict[str, float]:
-        """One optimizer step. Everything the host must know about the step (loss, non-finite verdict,
-        grad norm, a pending preemption) is settled before the update is launched, and nothing waits for
-        the update: the host goes on to prepare and launch the next step while the GPU runs AdamW."""
+        """One optimizer step. The host waits for the device once, for the end of backward (what it must
+        know of the step), while the update already runs; it then goes on to launch the next step, whose
+        forward queues up behind the update."""
         trainer = self.cfg.trainer
         micro = [self._prepare(batch) for batch in self.data.next_microbatches()]
         batches = iter(micro)
@@ -180,16 +202,30 @@ class Trainer:
         # The grads are still sums over target tokens: the division and the clipping happen inside AdamW.
         overflow = self.optimizer.prepare_grads()  # True only for fp16 loss scaling that overflowed
         norm = grad_norm(self.optimizer, self.grad_scaling)
-        skip = self.nonfinite.check(self.state.step + 1, reports, micro, self.model, self.state, norm) or overflow
+        # What the host must know of this step (non-finite flags, a preemption signal on any rank, the
+        # losses, the norm), reduced over ranks and copied to the host; the update is launched before the
+        # host waits for that copy, with the non-finite skip decided on the device, so the device goes from
+        # backward to the update without idling and the host on to the next step.
+        flags = self.nonfinite.flags(reports, norm)
+        signal = (self.preemption.flag() if self.preemption is not None
+                  else torch.zeros(1, dtype=torch.int32, device=self.env.device))
+        summary = torch.cat([flags.double(), signal.double(), norm.double().reshape(1),
+                             _loss_sums(reports, self.env.device).flatten()])
+        host, ready = _to_host(summary)
+        if not overflow:
+            apply_update(self.optimizer, norm, self.grad_scaling, self.cfg.optim.clip_grad, skip=flags.amax())
+        if ready is not None:
+            ready.synchronize()
+        bad_loss, bad_grad, signum, norm_value, *sums = host.tolist()
+        skip = overflow or self.nonfinite.decide(self.state.step + 1, int(bad_loss), int(bad_grad), reports,
+                                                 micro, self.model, self.state)
+        # collective (the flag above): every rank agrees now, and stops after this step
+        self.stop_requested = self.preemption is not None and self.preemption.agree(int(signum))
         values = {
-            **_global_losses(reports, self.env.device),
+            **_mean_losses([sums[i:i + 2] for i in range(0, len(sums), 2)]),
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float("nan") if skip else float(norm),
+            "grad_norm": float("nan") if skip else norm_value,
         }
-        # collective: every rank agrees now, and stops after this step
-        self.stop_requested = self.preemption is not None and self.preemption.requested()
-        if not skip:
-            apply_update(self.optimizer, norm, self.grad_scaling, self.cfg.optim.clip_grad)
         self.state.step += 1
         self.state.consumed_samples += trainer.global_batch_size
         self.throughput.add(trainer.global_batch_size * trainer.seq_length)

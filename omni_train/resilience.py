@@ -91,7 +91,17 @@ class Preemption:
 
     def requested(self) -> bool:
         """Collective (every rank calls it after every step): True on all ranks once any got a signal."""
-        signum = _all_reduce_max([self.received or 0], self.device)[0]
+        return self.agree(_all_reduce_max([self.received or 0], self.device)[0])
+
+    def flag(self) -> torch.Tensor:
+        """Collective, without waiting for the device: the signal number any rank got (the largest), as
+        an int32 [1] device tensor; its value goes to ``agree``."""
+        flags = torch.tensor([self.received or 0], dtype=torch.int32, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    def agree(self, signum: int) -> bool:
         if signum and self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
         return bool(signum)
@@ -152,29 +162,41 @@ class NonFiniteGuard:
     def __init__(self, policy: str, max_skips: int, device: torch.device):
         self.policy, self.max_skips, self.device = policy, max_skips, device
 
-    def check(self, step: int, reports: List[Dict[str, Any]], micro_batches: List[Dict[str, Any]],
-              model, state, grad_norm: Optional[torch.Tensor] = None) -> bool:
-        """Collective. True: skip this step's update (``state.nonfinite_skipped`` counts it). Raises
-        NonFiniteError under the stop policy or past ``max_skips``.
+    def flags(self, reports: List[Dict[str, Any]], grad_norm: Optional[torch.Tensor] = None,
+              model=None) -> torch.Tensor:
+        """Collective, without waiting for the device: int32 [2] on the device, whether any rank's loss
+        reports / gradients hold a NaN or Inf.
 
         ``grad_norm``, the step's global gradient norm, stands for the gradients when given (a NaN or Inf
         anywhere makes it non-finite; so would a finite gradient whose square overflows fp32, ~1e19):
-        no pass over the gradient buffers. Without it, the buffers are scanned."""
-        # One flag per micro-batch (its loss report) and one for all gradients, on the device: one sync.
+        no pass over the gradient buffers. Without it, ``model``'s buffers are scanned."""
         no = torch.zeros((), dtype=torch.bool, device=self.device)
-        micro_bad = [torch.stack([no] + [~torch.isfinite(v).all() for v in report.values()
-                                         if torch.is_tensor(v)]).any() for report in reports]
+        loss_bad = torch.stack([no] + [~torch.isfinite(v).all() for report in reports for v in report.values()
+                                       if torch.is_tensor(v)]).any()
         if grad_norm is not None:
             grads_bad = ~torch.isfinite(grad_norm.to(self.device))
         else:
             grads_bad = torch.stack([no] + [_has_nonfinite(g) for g in _grad_buffers(model)]).any()
-        local = torch.stack([torch.stack([no] + micro_bad).any(), grads_bad]).to(torch.int32)
+        flags = torch.stack([loss_bad, grads_bad]).to(torch.int32)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        bad_loss, bad_grad = local.tolist()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    def check(self, step: int, reports: List[Dict[str, Any]], micro_batches: List[Dict[str, Any]],
+              model, state, grad_norm: Optional[torch.Tensor] = None) -> bool:
+        """``flags`` then ``decide``, reading the flags on the host at once."""
+        bad_loss, bad_grad = self.flags(reports, grad_norm, model).tolist()
+        return self.decide(step, bad_loss, bad_grad, reports, micro_batches, model, state)
+
+    def decide(self, step: int, bad_loss: int, bad_grad: int, reports: List[Dict[str, Any]],
+               micro_batches: List[Dict[str, Any]], model, state) -> bool:
+        """Collective when a flag is set (every rank has the same flags). True: skip this step's update
+        (``state.nonfinite_skipped`` counts it). Raises NonFiniteError under the stop policy or past
+        ``max_skips``."""
         if not (bad_loss or bad_grad):
             return False
-        bad_micro = [i for i, bad in enumerate(micro_bad) if bad]
+        bad_micro = [i for i, report in enumerate(reports)
+                     if any(not torch.isfinite(v).all() for v in report.values() if torch.is_tensor(v))]
         report = self._report(step, bad_loss, bad_grad, bad_micro, micro_batches, model)
         if self.policy == "skip" and state.nonfinite_skipped < self.max_skips:
             state.nonfinite_skipped += 1

@@ -19,7 +19,7 @@ with the non-finite check (resilience.py), before it launches the update.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Union
+from typing import Iterator, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -75,18 +75,26 @@ def _device(part) -> torch.device:
     return part.get_parameters()[0].device
 
 
-def apply_update(optimizer, norm: torch.Tensor, scaling: GradScaling, clip_grad: float) -> None:
+def apply_update(optimizer, norm: torch.Tensor, scaling: GradScaling, clip_grad: float,
+                 skip: Optional[torch.Tensor] = None) -> None:
     """AdamW on ``grad / scaling.tokens``, clipped to total norm ``clip_grad`` (0: no clipping), with the
     division done inside torch's fused AdamW kernel. Then megatron's own post-step work (copy of fp32 main
-    params into the bf16 model, distributed-optimizer all-gather)."""
+    params into the bf16 model, distributed-optimizer all-gather).
+
+    ``skip``, a device flag (1.0: skip), is decided on the device: the fused kernel then leaves parameters,
+    moments and step counts untouched (its ``found_inf``), so the host need not wait for the flag before
+    launching the update."""
     divisor = torch.as_tensor(scaling.tokens, dtype=torch.float32).to(norm.device).reshape(())
     if clip_grad > 0:
         divisor = divisor * torch.clamp((norm + 1.0e-6) / clip_grad, min=1.0)
+    found_inf = None if skip is None else skip.to(device=norm.device, dtype=torch.float32).reshape(())
     inners = list(torch_optimizers(optimizer))
     for inner in inners:
         if all(group.get("fused") for group in inner.param_groups):
-            inner.grad_scale = divisor
-        else:  # only torch's fused Adam(W) takes grad_scale: divide the grads first
+            inner.grad_scale, inner.found_inf = divisor, found_inf
+        else:  # only torch's fused Adam(W) takes grad_scale and found_inf: decide on the host
+            if found_inf is not None and found_inf.item():
+                return
             grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, divisor)
@@ -95,3 +103,4 @@ def apply_update(optimizer, norm: torch.Tensor, scaling: GradScaling, clip_grad:
     finally:
         for inner in inners:
             inner.__dict__.pop("grad_scale", None)
+            inner.__dict__.pop("found_inf", None)

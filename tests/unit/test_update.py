@@ -98,3 +98,41 @@ def test_grad_norm_non_finite_stands_for_the_gradients(megatron_world1):
     model.decoder.layers[1].mlp.router.weight.main_grad[0, 0] = 3.0
     model.embedding.word_embeddings.weight.main_grad[1, 1] = 4.0
     assert float(grad_norm(optimizer, GradScaling(tokens=2.0))) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skip_decided_on_the_device_leaves_everything_untouched(megatron_world1, dtype):
+    """apply_update(skip=1) (fused AdamW's found_inf): parameters, moments and step counts stay as they
+    were; skip=0 steps."""
+    torch.manual_seed(0)
+    model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=dtype)
+    bf16 = dtype == torch.bfloat16
+    ddp = wrap_data_parallel(model, ParallelConfig(), on_gpu=False, fp32_grads=not bf16)
+    optimizer = build_optimizer(OptimConfig(master_weights=not bf16), ddp, ParallelConfig(), bf16=bf16,
+                                on_gpu=False)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    scaling = GradScaling()
+
+    def step(skip: float):
+        ddp.zero_grad_buffer()
+        ddp(tokens, torch.arange(16).expand(3, 2, 16), None, labels=tokens).sum().backward()
+        finalize_grads([ddp], torch.tensor(32, dtype=torch.int), pending=scaling)
+        optimizer.prepare_grads()
+        apply_update(optimizer, grad_norm(optimizer, scaling), scaling, 1.0, skip=torch.tensor(skip))
+
+    def snapshot():
+        inner = next(iter(optimizer.chained_optimizers)).optimizer
+        states = [{k: v.clone() for k, v in inner.state[p].items()} for p in inner.param_groups[0]["params"]]
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, states
+
+    step(0.0)
+    params, states = snapshot()
+    step(1.0)
+    params_after, states_after = snapshot()
+    assert all(torch.equal(params[n], params_after[n]) for n in params)
+    for before, after in zip(states, states_after):
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    step(0.0)
+    params_after, states_after = snapshot()
+    assert not any(torch.equal(params[n], params_after[n]) for n in params if "norm" not in n)
+    assert float(states_after[0]["step"]) == float(states[0]["step"]) + 1

@@ -164,7 +164,7 @@ def ours_overrides(variant: str, spec: dict, on_gpu: bool, tokenizer=None) -> li
         overrides += ["model.experts_impl=sequential"]
     if omni:  # the stage reads its placeholder ids from the tokenizer; its data source is replaced below
         overrides += ["stage=multimodal_pretrain", "model.towers=true", f"data.tokenizer={tokenizer}"]
-    return overrides
+    return overrides + list(spec.get("ours_overrides", []))
 
 
 def _tower_parameters(model) -> int:
@@ -489,7 +489,8 @@ def run_all(args) -> dict:
                 micro_batches=args.micro_batches,
                 steps=args.steps, warmup=args.warmup, seed=args.seed, profile=args.profile,
                 audio_frames=args.audio_frames or frames, image_size=args.image_size or size,
-                master_weights=args.ours_master_weights == "true", trace_dir=args.trace_dir)
+                master_weights=args.ours_master_weights == "true", trace_dir=args.trace_dir,
+                ours_overrides=args.ours_overrides.split())
     m = model_config(spec)
     fpt = flops_per_token(m, args.seq_length)
     peak = _peak_flops_of_visible_gpu()
@@ -557,6 +558,9 @@ def parse_args(argv):
                         f"(default {MEDIA[False][1]}, {MEDIA[True][1]} with --tiny)")
     p.add_argument("--ours-master-weights", choices=("true", "false"), default="true",
                    help="ours_omni: fp32 master weights (true) or bf16 params/grads/moments as ours_bf16 (false)")
+    p.add_argument("--ours-overrides", default="",
+                   help="Hydra overrides appended for every ours* variant, space-separated "
+                        "(e.g. optim.kernel=torch_fused)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--profile", default="", type=lambda s: [v for v in s.split(",") if v],
                    help="variants that also profile one extra step (top kernels by device time)")

@@ -153,7 +153,7 @@ class Trainer:
             same_phase = step == 0 or phase_at(self.plan, step - 1) is self.phase
             state = self.checkpoints.load(latest, self.model, self.optimizer if same_phase else None,
                                           self.scheduler, self.data)
-            use_fused_adamw(self.optimizer)
+            use_fused_adamw(self.optimizer, self.cfg.optim.kernel)
             self._say(f"resumed from {latest} at step {state.step}")
             return state
         if self.cfg.init_from:

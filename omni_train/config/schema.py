@@ -116,6 +116,9 @@ class OptimConfig:
     # false: AdamW updates the bf16 parameters directly from bf16 grads with bf16 moments (8 bytes per
     # parameter), as transformers + torch.optim.AdamW do; small updates can be lost to bf16 rounding.
     master_weights: bool = True
+    # "compiled": one fused elementwise pass per parameter (parallel/adamw.py; inductor on CUDA, eager
+    # elsewhere); "torch_fused": torch's multi-tensor fused AdamW kernel.
+    kernel: str = "compiled"
 
 
 @dataclass

@@ -36,6 +36,9 @@ POSITIVE = (
 )
 
 
+ADAMW_KERNELS = ("compiled", "torch_fused")
+
+
 def _require(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise ConfigError(key, problem)
@@ -63,6 +66,8 @@ def _check_values(cfg: DictConfig) -> None:
     _require(cfg.optim.master_weights or not cfg.parallel.distributed_optimizer, "optim.master_weights",
              "false needs parallel.distributed_optimizer=false (megatron's distributed optimizer keeps fp32 "
              "main params)")
+    _require(cfg.optim.kernel in ADAMW_KERNELS, "optim.kernel",
+             f"must be one of {ADAMW_KERNELS}, got {cfg.optim.kernel!r}")
     _require(cfg.trainer.max_nonfinite_skips >= 0, "trainer.max_nonfinite_skips",
              f"must be >= 0, got {cfg.trainer.max_nonfinite_skips}")
     stop = cfg.trainer.stop_at_step

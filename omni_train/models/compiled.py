@@ -5,7 +5,7 @@ the same Python functions run eagerly, so every device runs the same code."""
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -20,11 +20,12 @@ def triton_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(fn: Callable) -> Callable:
-    """``fn`` compiled once per process (inductor, whole graph)."""
-    return torch.compile(fn, fullgraph=True)
+def compiled(fn: Callable, dynamic: Optional[bool] = None) -> Callable:
+    """``fn`` compiled once per process (inductor, whole graph); ``dynamic=True``: one kernel for all
+    shapes (e.g. the flat views of every parameter) instead of one per shape."""
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
 
 
-def fused(fn: Callable, device: torch.device) -> Callable:
+def fused(fn: Callable, device: torch.device, dynamic: Optional[bool] = None) -> Callable:
     """``fn`` compiled when on CUDA with Triton, else ``fn`` itself."""
-    return compiled(fn) if device.type == "cuda" and triton_available() else fn
+    return compiled(fn, dynamic) if device.type == "cuda" and triton_available() else fn

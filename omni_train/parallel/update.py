@@ -3,8 +3,9 @@
 megatron's step scales the gradient buffers by ``1 / target tokens`` (finalize_model_grads), computes the
 global norm (one read, then a host sync for the norm as a float), multiplies every gradient by the clip
 coefficient, and only then runs AdamW: at 3B bf16 parameters, two extra read-and-write passes over 6 GB
-(~9 ms a step on an H100) plus the sync. Both factors are scalars, and torch's fused AdamW divides each
-gradient by a ``grad_scale`` tensor inside its one kernel (the hook torch's AMP GradScaler uses). So here:
+(~9 ms a step on an H100) plus the sync. Both factors are scalars, and a fused AdamW kernel (ours in
+parallel/adamw.py, or torch's) divides each gradient by a ``grad_scale`` tensor inside its one pass (the
+hook torch's AMP GradScaler uses). So here:
 
 - ``finalize_grads(..., pending=GradScaling)`` does megatron's reductions but only records the token count;
 - ``grad_norm`` is the norm of the true gradient (buffers / tokens) as a device tensor, over the same
@@ -24,6 +25,7 @@ from typing import Iterator, List, Optional, Union
 import torch
 import torch.distributed as dist
 
+from omni_train.parallel.adamw import CompiledAdamW
 from omni_train.parallel.wrap import finalize_model_grads_reduced, torch_optimizers
 
 
@@ -78,7 +80,7 @@ def _device(part) -> torch.device:
 def apply_update(optimizer, norm: torch.Tensor, scaling: GradScaling, clip_grad: float,
                  skip: Optional[torch.Tensor] = None) -> None:
     """AdamW on ``grad / scaling.tokens``, clipped to total norm ``clip_grad`` (0: no clipping), with the
-    division done inside torch's fused AdamW kernel. Then megatron's own post-step work (copy of fp32 main
+    division done inside the fused AdamW kernel. Then megatron's own post-step work (copy of fp32 main
     params into the bf16 model, distributed-optimizer all-gather).
 
     ``skip``, a device flag (1.0: skip), is decided on the device: the fused kernel then leaves parameters,
@@ -90,9 +92,9 @@ def apply_update(optimizer, norm: torch.Tensor, scaling: GradScaling, clip_grad:
     found_inf = None if skip is None else skip.to(device=norm.device, dtype=torch.float32).reshape(())
     inners = list(torch_optimizers(optimizer))
     for inner in inners:
-        if all(group.get("fused") for group in inner.param_groups):
+        if isinstance(inner, CompiledAdamW) or all(group.get("fused") for group in inner.param_groups):
             inner.grad_scale, inner.found_inf = divisor, found_inf
-        else:  # only torch's fused Adam(W) takes grad_scale and found_inf: decide on the host
+        else:  # only fused AdamW kernels take grad_scale and found_inf: decide on the host
             if found_inf is not None and found_inf.item():
                 return
             grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]

@@ -10,6 +10,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from omni_train.config import OptimConfig, ParallelConfig, TrainerConfig
+from omni_train.parallel.adamw import CompiledAdamW
 
 
 def wrap_data_parallel(model, parallel: ParallelConfig, on_gpu: bool,
@@ -51,7 +52,7 @@ def build_optimizer(cfg: OptimConfig, model: DistributedDataParallel, parallel: 
         use_distributed_optimizer=on_gpu and parallel.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, [model])
-    use_fused_adamw(optimizer)
+    use_fused_adamw(optimizer, cfg.kernel)
     return optimizer
 
 
@@ -61,16 +62,19 @@ def torch_optimizers(optimizer):
             yield inner.optimizer
 
 
-def use_fused_adamw(optimizer) -> None:
-    """Switch the torch AdamW inside megatron's optimizer to torch's fused kernel (one multi-tensor kernel
-    per step, on CPU and GPU) and move any loaded step counts to the parameters' device, as the fused kernel
-    wants them. Without Apex or TE megatron builds torch.optim.AdamW with its default, the foreach path
-    (about 10 passes over the optimizer state). Call again after loading optimizer state."""
+def use_fused_adamw(optimizer, kernel: str = "compiled") -> None:
+    """Give the torch AdamW inside megatron's optimizer a fused kernel and move any loaded step counts to
+    the parameters' device, as fused kernels want them. Without Apex or TE megatron builds
+    torch.optim.AdamW with its default, the foreach path (about 10 passes over the optimizer state).
+    ``kernel``: "compiled" (parallel/adamw.py: one pass per parameter, inductor on CUDA) or "torch_fused"
+    (torch's multi-tensor kernel). Call again after loading optimizer state."""
     for inner in torch_optimizers(optimizer):
         if not isinstance(inner, torch.optim.AdamW):
             continue
+        if kernel == "compiled":
+            inner.__class__ = CompiledAdamW  # same state and param groups; its own step
         for group in inner.param_groups:
-            group["fused"], group["foreach"] = True, None
+            group["fused"], group["foreach"] = kernel == "torch_fused", None
             for param in group["params"]:
                 state = inner.state.get(param, {})
                 if "step" in state:

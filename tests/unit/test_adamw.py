@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from omni_train.models.compiled import compiled
+from omni_train.parallel import adamw
 from omni_train.parallel.adamw import CompiledAdamW, adamw_update
 
 
@@ -28,8 +29,10 @@ def _run(cls, dtype, scales, found, **kwargs):
     return params, opt
 
 
+@pytest.mark.parametrize("min_numel", [0, 100])  # every parameter compiled-path; the small ones torch's kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_equals_torch_fused_adamw(dtype):
+def test_equals_torch_fused_adamw(dtype, min_numel, monkeypatch):
+    monkeypatch.setattr(adamw, "COMPILED_MIN_NUMEL", min_numel)
     scales, found = [None, 4.0, 2.5, 1.0], [None, 0.0, 1.0, 0.0]  # the third step is skipped
     ours, ours_opt = _run(CompiledAdamW, dtype, scales, found)
     ref, ref_opt = _run(torch.optim.AdamW, dtype, scales, found, fused=True)
@@ -45,7 +48,9 @@ def test_equals_torch_fused_adamw(dtype):
     assert not torch.equal(ours[0].detach(), _params(dtype)[0])
 
 
-def test_skipped_step_changes_nothing():
+@pytest.mark.parametrize("min_numel", [0, 100])
+def test_skipped_step_changes_nothing(min_numel, monkeypatch):
+    monkeypatch.setattr(adamw, "COMPILED_MIN_NUMEL", min_numel)
     params, opt = _run(CompiledAdamW, torch.float32, [None], [None])
     before = [p.detach().clone() for p in params]
     state = {k: v.clone() for k, v in opt.state[params[0]].items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -13,9 +15,55 @@ from omni_train.config import OptimConfig, ParallelConfig, TrainerConfig
 from omni_train.parallel.adamw import CompiledAdamW
 
 
+class FirstWriteDDP(DistributedDataParallel):
+    """megatron-core DDP whose gradient buffers are never zeroed as a whole: the first gradient a
+    parameter receives after ``zero_grad_buffer`` is copied into its ``main_grad``, later ones (gradient
+    accumulation) are added, and parameters that received none by the time gradients are synchronised get
+    their ``main_grad`` zeroed then. Same values as megatron's zero-then-add (0 + g == g), one pass less
+    over the buffers per step and a cheaper first accumulation: at 3B bf16 parameters ~4 ms a step on an
+    H100. Only for ``gradient_accumulation_fusion=False`` (nothing else writes main grads); otherwise
+    megatron's behaviour is kept."""
+
+    def __init__(self, *args, **kwargs):
+        self._unwritten = set()
+        super().__init__(*args, **kwargs)
+        self._first_write = not getattr(self.config, "gradient_accumulation_fusion", False)
+        self._unwritten = set(self.params_with_grad) if self._first_write else set()
+
+    def _make_backward_post_hook(self, param: torch.nn.Parameter):
+        megatron_hook = super()._make_backward_post_hook(param)
+
+        def hook(*unused):
+            if param in self._unwritten and param.grad is not None and param in self.param_to_bucket_group:
+                self._unwritten.discard(param)
+                param.main_grad.copy_(param.grad.data)
+                param.grad = None
+                if self.ddp_config.overlap_grad_reduce:
+                    self.param_to_bucket_group[param].register_grad_ready(param, self.force_all_reduce)
+                return
+            megatron_hook(*unused)
+
+        return hook
+
+    def zero_grad_buffer(self):
+        if not self._first_write:
+            return super().zero_grad_buffer()
+        for param in self.params_with_grad:
+            param.grad_added_to_main_grad = False
+        self._unwritten = set(self.params_with_grad)
+        for bucket_group in self.bucket_groups + self.expert_parallel_bucket_groups:
+            bucket_group.reset()
+
+    def finish_grad_sync(self, force_all_reduce: Optional[bool] = False):
+        if self._unwritten:
+            torch._foreach_zero_([param.main_grad for param in self._unwritten])
+            self._unwritten = set()
+        super().finish_grad_sync(force_all_reduce=force_all_reduce)
+
+
 def wrap_data_parallel(model, parallel: ParallelConfig, on_gpu: bool,
                        fp32_grads: bool = True) -> DistributedDataParallel:
-    """megatron-core DDP: contiguous grad buffers (fp32, or the parameters' dtype with
+    """megatron-core DDP (``FirstWriteDDP``): contiguous grad buffers (fp32, or the parameters' dtype with
     ``fp32_grads=False``), grads reduced once per optimizer step.
 
     The distributed optimizer (grads reduce-scattered, optimizer state sharded over data parallel
@@ -27,7 +75,7 @@ def wrap_data_parallel(model, parallel: ParallelConfig, on_gpu: bool,
         use_distributed_optimizer=on_gpu and parallel.distributed_optimizer,
         check_for_nan_in_grad=False,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    return FirstWriteDDP(config=model.config, ddp_config=ddp_config, module=model)
 
 
 def build_optimizer(cfg: OptimConfig, model: DistributedDataParallel, parallel: ParallelConfig,

@@ -16,7 +16,7 @@ MODEL=$(python3 - <<'PY'
 import sys; sys.path.insert(0, "benchmarks")
 import thinker_throughput as t
 spec = dict(tiny=False, layers=4, seq_length=4096)
-print(" ".join(t.lm_overrides(spec)))
+print(" ".join(o.replace(", ", ",") for o in t.lm_overrides(spec)))
 PY
 )
 COMMON="recipe=tiny/text_pretrain_gpu model=qwen3_omni_30b_a3b $MODEL logger=none trainer.seq_length=4096

@@ -22,11 +22,13 @@ from omni_train.models.compiled import fused
 
 
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 step: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float, eps: float,
+                 count: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float, eps: float,
                  weight_decay: float, grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
-    """One AdamW step on flat tensors, in place; ``step`` (0-dim fp32) counts steps taken so far."""
+    """One AdamW step on flat tensors, in place; ``count`` (0-dim fp32) is this step's number, 1-based.
+
+    The step counter itself is advanced by the caller, after this kernel: written here, it would be read
+    by the kernel's other thread blocks after the first ones had updated it (a race)."""
     keep = found_inf != 0
-    count = step + 1.0
     g = grad.float() / grad_scale
     m = torch.lerp(exp_avg.float(), g, 1.0 - beta1)
     v = exp_avg_sq.float() * beta2 + (1.0 - beta2) * g * g
@@ -37,7 +39,6 @@ def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     param.copy_(torch.where(keep, param, p.to(param.dtype)))
     exp_avg.copy_(torch.where(keep, exp_avg, m.to(exp_avg.dtype)))
     exp_avg_sq.copy_(torch.where(keep, exp_avg_sq, v.to(exp_avg_sq.dtype)))
-    step.copy_(torch.where(keep, step, count))
 
 
 # Parameters smaller than this go through torch's multi-tensor fused kernel, all in one launch: a compiled
@@ -80,10 +81,12 @@ class CompiledAdamW(torch.optim.AdamW):
                     continue
                 if device not in lrs:  # a fill kernel, not a host-to-device copy: the host does not wait
                     lrs[device] = torch.full((), float(group["lr"]), dtype=torch.float32, device=device)
+                grad_scale, inf = scalars[device]
                 fused(adamw_update, device, dynamic=True)(
                     param.view(-1), param.grad.view(-1), state["exp_avg"].view(-1),
-                    state["exp_avg_sq"].view(-1), state["step"], lrs[device], beta1, beta2, group["eps"],
-                    group["weight_decay"], *scalars[device])
+                    state["exp_avg_sq"].view(-1), state["step"] + 1.0, lrs[device], beta1, beta2,
+                    group["eps"], group["weight_decay"], grad_scale, inf)
+                state["step"].add_(1.0 - inf)  # a skipped step (found_inf 1) is not counted
             for (device, _), params in small.items():
                 states = [self.state[p] for p in params]
                 steps = [s["step"] for s in states]

@@ -36,3 +36,21 @@ def megatron_world1():
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+_INDUCTOR_CPU = {}
+
+
+@pytest.fixture
+def inductor_cpu():
+    """Skip unless torch.compile's CPU backend (inductor, which builds C++ with the system compiler) works
+    here: probed once on a trivial function, so that a missing toolchain skips with its reason while a
+    failure of the code under test still fails."""
+    if "reason" not in _INDUCTOR_CPU:
+        try:
+            torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(4))
+            _INDUCTOR_CPU["reason"] = None
+        except Exception as exc:  # toolchain missing or broken
+            _INDUCTOR_CPU["reason"] = f"torch.compile on CPU unavailable: {type(exc).__name__}: {str(exc)[:200]}"
+    if _INDUCTOR_CPU["reason"]:
+        pytest.skip(_INDUCTOR_CPU["reason"])

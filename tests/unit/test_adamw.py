@@ -1,7 +1,6 @@
 """parallel.adamw.CompiledAdamW against torch.optim.AdamW(fused=True): same updates, same state, same
 grad_scale / found_inf semantics; and its kernel compiled (inductor's CPU backend) against its eager run."""
 
-import shutil
 
 import pytest
 import torch
@@ -62,9 +61,7 @@ def test_skipped_step_changes_nothing(min_numel, monkeypatch):
     assert all(torch.equal(state[k], opt.state[params[0]][k]) for k in state)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="inductor's CPU backend needs a C++ compiler")
-def test_compiled_kernel_equals_eager():
+def test_compiled_kernel_equals_eager(inductor_cpu):
     results = []
     for fn in (adamw_update, compiled(adamw_update, True)):
         tensors = [torch.randn(40, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) for _ in range(2)]

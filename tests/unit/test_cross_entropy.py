@@ -1,7 +1,5 @@
 """models.cross_entropy against torch's F.cross_entropy (value and gradient), eager and compiled."""
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,9 +45,7 @@ def test_bad_shapes_are_named():
         ce.cross_entropy(torch.zeros(2, 3, 5), torch.zeros(2, dtype=torch.long))
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="inductor's CPU backend needs a C++ compiler")
-def test_compiled_kernels_equal_eager():
+def test_compiled_kernels_equal_eager(inductor_cpu):
     """The functions CUDA runs through torch.compile, compiled here by inductor's CPU backend: same values
     as their eager run (the code path the GPU takes, minus Triton)."""
     logits, target, weights = _case(torch.bfloat16, rows=16, vocab=512, seed=1)

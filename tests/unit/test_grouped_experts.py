@@ -1,7 +1,6 @@
 """Grouped-GEMM experts: the same function, gradients and checkpoints as megatron's SequentialMLP."""
 
 import dataclasses
-import shutil
 
 import pytest
 import torch
@@ -188,9 +187,7 @@ def test_unknown_experts_impl_is_refused(megatron_world1):
                          params_dtype=torch.float32)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="inductor's CPU backend needs a C++ compiler")
-def test_weighted_glu_compiled_equals_eager():
+def test_weighted_glu_compiled_equals_eager(inductor_cpu):
     """weighted_glu as CUDA runs it (torch.compile; here inductor's CPU backend): values and both
     gradients equal its eager run."""
     import torch.nn.functional as F

@@ -1,7 +1,6 @@
 """parallel.adamw.CompiledAdamW against torch.optim.AdamW(fused=True): same updates, same state, same
 grad_scale / found_inf semantics; and its kernel compiled (inductor's CPU backend) against its eager run."""
 
-
 import pytest
 import torch
 

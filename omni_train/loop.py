@@ -209,7 +209,7 @@ class Trainer:
         flags = self.nonfinite.flags(reports, norm)
         signal = (self.preemption.flag() if self.preemption is not None
                   else torch.zeros(1, dtype=torch.int32, device=self.env.device))
-        summary = torch.cat([flags.double(), signal.double(), norm.double().reshape(1),
+        summary = torch.cat([flags.double(), signal.double(), norm.to(self.env.device, torch.float64).reshape(1),
                              _loss_sums(reports, self.env.device).flatten()])
         host, ready = _to_host(summary)
         if not overflow:

@@ -102,11 +102,11 @@ class CompiledAdamW(torch.optim.AdamW):
 
     def _state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        step = state["step"]
-        if not torch.is_tensor(step) or step.device != param.device or step.dim() != 0:
+        for key in ("exp_avg", "exp_avg_sq"):  # megatron's init_state_fn may have made the moments alone
+            if key not in state:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        step = state.get("step", 0.0)
+        if (not torch.is_tensor(step) or step.device != param.device or step.dim() != 0
+                or step.dtype != torch.float32):
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
         return state

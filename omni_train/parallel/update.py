@@ -13,8 +13,9 @@ hook torch's AMP GradScaler uses). So here:
 - ``apply_update`` hands AdamW ``grad_scale = tokens * max(1, norm / clip_grad)``, megatron's clipping rule
   (coefficient ``clip_grad / (norm + 1e-6)`` when below 1), computed on the device.
 
-The host waits for nothing here: the token count stays on the device. The trainer reads the norm once,
-with the non-finite check (resilience.py), before it launches the update.
+The host waits for nothing here: the token count stays on the device, and a non-finite step is skipped by
+the kernel itself (``skip``). The trainer reads the norm on the host once, with the step's other figures,
+while the update runs (loop.py).
 """
 
 from __future__ import annotations

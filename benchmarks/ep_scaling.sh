@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 MODEL=$(python3 - <<'PY'
 import sys; sys.path.insert(0, "benchmarks")
-import thinker_throughput as t
+import throughput_variants as t
 spec = dict(tiny=False, layers=4, seq_length=4096)
 print(" ".join(o.replace(", ", ",") for o in t.lm_overrides(spec)))
 PY

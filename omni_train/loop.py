@@ -75,11 +75,6 @@ def _mean_losses(total: List[List[float]]) -> Dict[str, float]:
     return losses
 
 
-def _global_losses(reports: List[Dict[str, torch.Tensor]], device: torch.device) -> Dict[str, float]:
-    """The mean losses of the global batch, as every rank sees it (collective)."""
-    return _mean_losses(_loss_sums(reports, device).tolist())
-
-
 def _to_host(tensor: torch.Tensor):
     """Start copying ``tensor`` to the host; returns (host tensor, CUDA event to wait on, or None). Waiting
     on the event waits for the work queued so far only, not for what is launched after this call."""

@@ -4,8 +4,9 @@
   flag. After each step the ranks agree on it (a MAX all-reduce: the signal may reach ranks at different
   times, and every rank must stop after the same step); the loop then saves a checkpoint and the process
   exits with ``PREEMPTED_EXIT_CODE``, on which the SLURM script requeues the job. A rerun resumes there.
-- Non-finite loss or gradients: checked on every rank after backward and before the optimizer step, then
-  agreed on. ``trainer.nonfinite=skip`` drops the update (parameters and optimizer state untouched; the
+- Non-finite loss or gradients: flagged on every rank after backward (the gradients through their global
+  norm) and agreed on; the update launched after it is skipped by the AdamW kernel itself when a flag is
+  set (parallel/update.py). ``trainer.nonfinite=skip`` drops the update (parameters and optimizer state untouched; the
   step and its batch are spent) and counts it; ``stop`` raises ``NonFiniteError`` with a report naming the
   step, the sample keys of its batch and the first parameter with a non-finite gradient.
 - Collectives: a collective that times out (``parallel.collective_timeout_s``) or loses its peer
@@ -28,13 +29,6 @@ import torch.distributed as dist
 PREEMPTED_EXIT_CODE = 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 MAX_KEYS_SHOWN = 32
-
-
-def _all_reduce_max(values: List[int], device: torch.device) -> List[int]:
-    flags = torch.tensor(values, dtype=torch.int32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags.tolist()
 
 
 class Preempted(SystemExit):
@@ -69,7 +63,7 @@ def _start_checkpoint_helper_shielded() -> None:
 
 
 class Preemption:
-    """Catches SIGTERM / SIGUSR1 in this process; ``requested()`` is the ranks' common answer."""
+    """Catches SIGTERM / SIGUSR1 in this process; ``flag()`` then ``agree()`` give the ranks' common answer."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -88,10 +82,6 @@ class Preemption:
         # training process ends them when it exits.
         if os.getpid() == self._owner and self.received is None:
             self.received = signum
-
-    def requested(self) -> bool:
-        """Collective (every rank calls it after every step): True on all ranks once any got a signal."""
-        return self.agree(_all_reduce_max([self.received or 0], self.device)[0])
 
     def flag(self) -> torch.Tensor:
         """Collective, without waiting for the device: the signal number any rank got (the largest), as
@@ -116,25 +106,6 @@ class NonFiniteError(RuntimeError):
     """A step's loss or gradients were not finite (trainer.nonfinite=stop, or too many skips)."""
 
 
-def _grad_buffers(model) -> List[torch.Tensor]:
-    """megatron DDP's contiguous gradient buffers (dense and expert-parallel), else each .grad."""
-    buffers = [b for attr in ("buffers", "expert_parallel_buffers")
-               for b in (getattr(model, attr) if isinstance(getattr(model, attr, None), list) else [])]
-    if buffers:
-        return [b.grad_data for b in buffers]
-    return [p.grad for p in model.parameters() if p.grad is not None]
-
-
-def _has_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
-    """Whether ``tensor`` holds a NaN or an Inf, as a device bool, without a tensor-sized temporary (the
-    fp32 grad buffer of a 3B-parameter model is 12 GB; ``isfinite`` of it would allocate 3 GB more).
-    NaN propagates through min/max, and an Inf is the min or the max."""
-    if tensor.numel() == 0:
-        return torch.zeros((), dtype=torch.bool, device=tensor.device)
-    low, high = torch.aminmax(tensor)
-    return ~(torch.isfinite(low) & torch.isfinite(high))
-
-
 def first_nonfinite_grad(model) -> Optional[str]:
     """Name (unprefixed, as in checkpoints) of the first parameter whose gradient has a NaN or Inf."""
     for name, param in model.named_parameters():
@@ -157,36 +128,26 @@ def _shown(keys: List[str]) -> str:
 
 
 class NonFiniteGuard:
-    """Checks one step's loss reports and gradients before the optimizer steps (trainer.nonfinite)."""
+    """Flags one step's non-finite loss reports and gradients, and decides what follows (trainer.nonfinite)."""
 
     def __init__(self, policy: str, max_skips: int, device: torch.device):
         self.policy, self.max_skips, self.device = policy, max_skips, device
 
-    def flags(self, reports: List[Dict[str, Any]], grad_norm: Optional[torch.Tensor] = None,
-              model=None) -> torch.Tensor:
+    def flags(self, reports: List[Dict[str, Any]], grad_norm: torch.Tensor) -> torch.Tensor:
         """Collective, without waiting for the device: int32 [2] on the device, whether any rank's loss
         reports / gradients hold a NaN or Inf.
 
-        ``grad_norm``, the step's global gradient norm, stands for the gradients when given (a NaN or Inf
-        anywhere makes it non-finite; so would a finite gradient whose square overflows fp32, ~1e19):
-        no pass over the gradient buffers. Without it, ``model``'s buffers are scanned."""
+        ``grad_norm``, the step's global gradient norm, stands for the gradients (a NaN or Inf anywhere
+        makes it non-finite; so would a finite gradient whose square overflows fp32, ~1e19): no pass over
+        the gradient buffers."""
         no = torch.zeros((), dtype=torch.bool, device=self.device)
         loss_bad = torch.stack([no] + [~torch.isfinite(v).all() for report in reports for v in report.values()
                                        if torch.is_tensor(v)]).any()
-        if grad_norm is not None:
-            grads_bad = ~torch.isfinite(grad_norm.to(self.device))
-        else:
-            grads_bad = torch.stack([no] + [_has_nonfinite(g) for g in _grad_buffers(model)]).any()
+        grads_bad = ~torch.isfinite(grad_norm.to(self.device))
         flags = torch.stack([loss_bad, grads_bad]).to(torch.int32)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return flags
-
-    def check(self, step: int, reports: List[Dict[str, Any]], micro_batches: List[Dict[str, Any]],
-              model, state, grad_norm: Optional[torch.Tensor] = None) -> bool:
-        """``flags`` then ``decide``, reading the flags on the host at once."""
-        bad_loss, bad_grad = self.flags(reports, grad_norm, model).tolist()
-        return self.decide(step, bad_loss, bad_grad, reports, micro_batches, model, state)
 
     def decide(self, step: int, bad_loss: int, bad_grad: int, reports: List[Dict[str, Any]],
                micro_batches: List[Dict[str, Any]], model, state) -> bool:

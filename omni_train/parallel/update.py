@@ -25,9 +25,12 @@ from typing import Iterator, List, Optional, Union
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
 from omni_train.parallel.adamw import CompiledAdamW
-from omni_train.parallel.wrap import finalize_model_grads_reduced, torch_optimizers
+from omni_train.parallel.wrap import torch_optimizers
 
 
 @dataclass
@@ -40,9 +43,18 @@ class GradScaling:
 
 def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False, *,
                    pending: GradScaling) -> None:
-    """megatron's gradient reductions, with the per-token loss scaling left to ``apply_update``."""
-    total = finalize_model_grads_reduced(model, num_tokens, pg_collection, force_all_reduce)
-    pending.tokens = 1.0 if total is None else total.float().clamp(min=1.0)
+    """megatron's ``finalize_model_grads`` (gradient all-reduces, shared embeddings, expert bias) without
+    its per-token scaling, which is left to ``apply_update``: ``pending`` gets the step's number of target
+    tokens as a device tensor. Same groups as megatron: the count comes from the last pipeline stage and is
+    summed over data x context parallel ranks."""
+    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    if num_tokens is None:
+        pending.tokens = 1.0
+        return
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    dist.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
+    dist.all_reduce(num_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    pending.tokens = num_tokens.float().clamp(min=1.0)
 
 
 def _stepping(optimizer) -> Iterator:
@@ -93,14 +105,10 @@ def apply_update(optimizer, norm: torch.Tensor, scaling: GradScaling, clip_grad:
     found_inf = None if skip is None else skip.to(device=norm.device, dtype=torch.float32).reshape(())
     inners = list(torch_optimizers(optimizer))
     for inner in inners:
-        if isinstance(inner, CompiledAdamW) or all(group.get("fused") for group in inner.param_groups):
-            inner.grad_scale, inner.found_inf = divisor, found_inf
-        else:  # only fused AdamW kernels take grad_scale and found_inf: decide on the host
-            if found_inf is not None and found_inf.item():
-                return
-            grads = [p.grad for group in inner.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                torch._foreach_div_(grads, divisor)
+        if not (isinstance(inner, CompiledAdamW) or all(group.get("fused") for group in inner.param_groups)):
+            raise TypeError(f"apply_update needs a fused AdamW kernel (wrap.use_fused_adamw), got "
+                            f"{type(inner).__name__}")
+        inner.grad_scale, inner.found_inf = divisor, found_inf
     try:
         optimizer.step_with_ready_grads()
     finally:

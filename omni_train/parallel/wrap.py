@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -80,7 +78,7 @@ def wrap_data_parallel(model, parallel: ParallelConfig, on_gpu: bool,
 
 def build_optimizer(cfg: OptimConfig, model: DistributedDataParallel, parallel: ParallelConfig,
                     bf16: bool, on_gpu: bool):
-    """AdamW through megatron-core (decoupled weight decay), with gradient clipping, torch's fused kernel.
+    """AdamW through megatron-core (decoupled weight decay), with gradient clipping, a fused kernel (optim.kernel).
 
     bf16 parameters get fp32 main params and fp32 moments (megatron's mixed-precision optimizer) unless
     ``optim.master_weights`` is false: then AdamW updates the bf16 parameters in place from bf16 grads with
@@ -144,33 +142,3 @@ def build_scheduler(cfg: OptimConfig, trainer: TrainerConfig, optimizer) -> Opti
         wd_incr_steps=trainer.max_steps,
         wd_incr_style="constant",
     )
-
-
-def finalize_model_grads_reduced(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
-    """megatron's ``finalize_model_grads`` without its per-token scaling (gradient all-reduces, shared
-    embeddings, expert bias); returns the step's number of target tokens as a device tensor (None without
-    per-token loss), not read by the host. Same groups as megatron: the count comes from the last
-    pipeline stage and is summed over data x context parallel ranks."""
-    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
-    if num_tokens is None:
-        return None
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    torch.distributed.broadcast(num_tokens, src=get_pp_last_rank(pp_group), group=pp_group)
-    torch.distributed.all_reduce(num_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    return num_tokens
-
-
-def finalize_grads(model, num_tokens=None, pg_collection=None, force_all_reduce=False) -> None:
-    """megatron's ``finalize_model_grads``, with the per-token loss scaling done by a host number.
-
-    megatron scales the grad buffers by ``1 / num_tokens`` held in a 0-dim CUDA tensor: a bf16 buffer times
-    an fp32 tensor falls to torch's generic (non-vectorised) elementwise kernel, ~3 ms per pass over each
-    buffer at 3B parameters, 4x slower than its bandwidth allows. The token count is read on the host anyway
-    (megatron's own ``if num_tokens > 0``); scaling by that float runs the vectorised kernel. (The trainer
-    avoids even that pass: parallel/update.py folds the scaling into AdamW.)
-    """
-    total = finalize_model_grads_reduced(model, num_tokens, pg_collection, force_all_reduce)
-    total = None if total is None else total.item()
-    if total:
-        for chunk in model:
-            chunk.scale_gradients(1.0 / total)

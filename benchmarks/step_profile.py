@@ -32,7 +32,7 @@ def label_parts(trainer) -> None:
             getattr(loop, name).__wrapped_by_bench__ = True
 
 
-def profile_step(step, device, top: int = 15, trace_path=None) -> dict:
+def profile_step(step, device, top: int = 25, trace_path=None) -> dict:
     """One more step under torch.profiler. On GPU: the device kernels' total time and launch count against
     the step's wall time, the top kernels by time, and the top operators by the device time of the kernels
     they launch themselves (self); on CPU, operators by self CPU time."""
@@ -43,7 +43,7 @@ def profile_step(step, device, top: int = 15, trace_path=None) -> dict:
     on_gpu = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step()
         if on_gpu:
             torch.cuda.synchronize()
@@ -73,6 +73,12 @@ def profile_step(step, device, top: int = 15, trace_path=None) -> dict:
                      key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     out["top_host_ops"] = [dict(name=e.key[:100], calls=e.count, self_s=e.self_cpu_time_total / 1e6)
                            for e in by_host]
+    if on_gpu:  # operators by the device time of their own kernels, per input shapes
+        shaped = [e for e in prof.key_averages(group_by_input_shape=True)
+                  if e.device_type == DeviceType.CPU and not e.key.startswith("bench:")]
+        shaped = sorted(shaped, key=lambda e: e.self_device_time_total, reverse=True)[:3 * top]
+        out["top_ops_by_shape"] = [dict(name=e.key[:60], shapes=str(e.input_shapes)[:160], calls=e.count,
+                                        self_s=e.self_device_time_total / 1e6) for e in shaped]
     if on_gpu:
         out.update(kernel_time_s=sum(e.self_device_time_total for e in kernels) / 1e6,
                    kernel_launches=sum(e.count for e in kernels), top_kernels=ranked(kernels))
@@ -176,5 +182,7 @@ def print_profile(variant: str, prof: dict, syncs: list) -> None:
         print(f"[{variant}] host {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']}", flush=True)
     for row in syncs:
         print(f"[{variant}] sync {row['count']:4d}x {row['site']}", flush=True)
-    for row in prof.get("top_kernels", [])[:8] + prof["top_ops"][:10]:
+    for row in prof.get("top_ops_by_shape", []):
+        print(f"[{variant}] {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']} {row['shapes']}", flush=True)
+    for row in prof.get("top_kernels", [])[:25] + prof["top_ops"][:10]:
         print(f"[{variant}] {row['self_s'] * 1e3:9.2f} ms {row['calls']:6d}x {row['name']}", flush=True)

@@ -87,18 +87,22 @@ def profile_step(step, device, top: int = 25, trace_path=None) -> dict:
 
 def phase_timeline(trainer, step, device, steps: int = 4) -> dict:
     """Without a profiler (whose per-operator cost inflates host time), ``steps`` steps back to back with
-    host clocks and CUDA events at each step's start and at the end of its forward pass (megatron's
-    forward_step returns): per step, median over the steps, in ms,
+    host clocks and CUDA events at each step's start, the end of its first forward (megatron's forward_step
+    returns), of its backward (forward_backward returns), of the grad norm and of the update's launch:
+    per step, median over the steps, in ms,
 
-    - ``host_forward``: the host's time to launch the forward (step start to forward_step's return);
-    - ``device_forward``: the device's time from reaching the step start (the previous update done) to
-      finishing the forward; equal to ``host_forward`` minus the head start the host got while the device
-      ran the previous update, when the host is the bottleneck;
+    - ``host_<phase>`` / ``device_<phase>`` for the phases forward, backward, norm, update and rest (the
+      update's launch to the next step's start): the host's time to launch the phase, the device's time
+      to run it (from finishing the previous phase);
+    - ``lag_<mark>``: how far the device is behind the host at each mark (device clocks aligned to host
+      clocks at an idle point): near 0 where the device waited for the host to launch work;
     - ``host_step`` / ``device_step``: step start to the next step's start.
     """
     import statistics
 
     import torch
+
+    import omni_train.loop as loop
 
     on_gpu = device.type == "cuda"
     marks = []  # (name, host time, event)
@@ -110,14 +114,19 @@ def phase_timeline(trainer, step, device, steps: int = 4) -> dict:
             event.record()
         marks.append((name, time.perf_counter(), event))
 
-    forward_step = trainer._forward_step
+    def marked(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            mark(name)
+            return out
+        return wrapped
 
-    def timed_forward_step(data_iterator, model):
-        out = forward_step(data_iterator, model)
-        mark("forward")
-        return out
-
-    trainer._forward_step = timed_forward_step
+    saved = dict(forward_step=trainer._forward_step, forward_backward=trainer.forward_backward,
+                 grad_norm=loop.grad_norm, apply_update=loop.apply_update)
+    trainer._forward_step = marked("forward", saved["forward_step"])
+    trainer.forward_backward = marked("backward", saved["forward_backward"])
+    loop.grad_norm = marked("norm", saved["grad_norm"])
+    loop.apply_update = marked("update", saved["apply_update"])
     try:
         if on_gpu:
             torch.cuda.synchronize()
@@ -128,16 +137,28 @@ def phase_timeline(trainer, step, device, steps: int = 4) -> dict:
         if on_gpu:
             torch.cuda.synchronize()
     finally:
-        trainer._forward_step = forward_step
+        trainer._forward_step, trainer.forward_backward = saved["forward_step"], saved["forward_backward"]
+        loop.grad_norm, loop.apply_update = saved["grad_norm"], saved["apply_update"]
+    # the first mark was recorded on an idle device: its event and host clock coincide
+    ref_host, ref_event = marks[0][1], marks[0][2]
     starts = [i for i, m in enumerate(marks) if m[0] == "start"]
-    rows = {"host_forward": [], "device_forward": [], "host_step": [], "device_step": []}
+    rows = {}
     for a, b in zip(starts, starts[1:]):
-        fwd = next(i for i in range(a, b) if marks[i][0] == "forward")  # the first micro-batch's forward
-        rows["host_forward"].append((marks[fwd][1] - marks[a][1]) * 1e3)
-        rows["host_step"].append((marks[b][1] - marks[a][1]) * 1e3)
+        seen, step_marks = set(), [marks[a]]
+        for m in marks[a + 1:b]:  # the first of each (the first micro-batch's forward)
+            if m[0] not in seen:
+                seen.add(m[0])
+                step_marks.append(m)
+        step_marks.append(("rest", marks[b][1], marks[b][2]))
+        rows.setdefault("host_step", []).append((marks[b][1] - marks[a][1]) * 1e3)
         if on_gpu:
-            rows["device_forward"].append(marks[a][2].elapsed_time(marks[fwd][2]))
-            rows["device_step"].append(marks[a][2].elapsed_time(marks[b][2]))
+            rows.setdefault("device_step", []).append(marks[a][2].elapsed_time(marks[b][2]))
+        for (_, h0, e0), (name, h1, e1) in zip(step_marks, step_marks[1:]):
+            rows.setdefault(f"host_{name}", []).append((h1 - h0) * 1e3)
+            if on_gpu:
+                rows.setdefault(f"device_{name}", []).append(e0.elapsed_time(e1))
+                device_clock = ref_host * 1e3 + ref_event.elapsed_time(e1)
+                rows.setdefault(f"lag_{name}", []).append(device_clock - h1 * 1e3)
     return {k: round(statistics.median(v), 2) for k, v in rows.items() if v}
 
 

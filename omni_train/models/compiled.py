@@ -1,6 +1,11 @@
 """torch.compile for the few elementwise chains that dominate memory traffic, where it pays: on CUDA,
 where inductor fuses each chain into one Triton kernel. Elsewhere (CPU CI, a GPU image without Triton)
-the same Python functions run eagerly, so every device runs the same code."""
+the same Python functions run eagerly, so every device runs the same code.
+
+The kernels' block sizes are tuned on the device at their first call (inductor's coordinate-descent
+tuning): these chains are bound by memory bandwidth, and the tuned blocks stream ~10% faster than
+inductor's defaults (AdamW over a 400M-element parameter on an H100: 2.9 against 2.6 TB/s, against
+3.0 TB/s for a plain copy; benchmarks/adamw_bandwidth.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ def triton_available() -> bool:
 def compiled(fn: Callable, dynamic: Optional[bool] = None) -> Callable:
     """``fn`` compiled once per process (inductor, whole graph); ``dynamic=True``: one kernel for all
     shapes (e.g. the flat views of every parameter) instead of one per shape."""
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options={"coordinate_descent_tuning": True})
 
 
 def fused(fn: Callable, device: torch.device, dynamic: Optional[bool] = None) -> Callable:

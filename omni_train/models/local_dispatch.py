@@ -21,6 +21,8 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
+from omni_train.models.compiled import fused
+
 
 class _Dispatch(torch.autograd.Function):
     """[T, H] -> [T*k, H]: row ``p`` is token ``token_of[p]``. Backward: the k rows of each token, found
@@ -53,6 +55,12 @@ class _Combine(torch.autograd.Function):
 
 
 def _sum_copies(rows: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:
+    """On CUDA one compiled kernel that gathers and sums (the [T*k, H] gathered rows are never written)."""
+    return fused(sum_copies, rows.device)(rows, inverse, topk)
+
+
+def sum_copies(rows: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:
+    """Token t's k rows (``rows[inverse[t*k : (t+1)*k]]``) summed: [T*k, H] -> [T, H]."""
     return rows.index_select(0, inverse).view(-1, topk, rows.shape[-1]).sum(dim=1)
 
 

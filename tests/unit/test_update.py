@@ -93,6 +93,7 @@ def test_grad_norm_non_finite_stands_for_the_gradients(megatron_world1):
     ddp = wrap_data_parallel(model, ParallelConfig(), on_gpu=False)
     optimizer = build_optimizer(OptimConfig(), ddp, ParallelConfig(), bf16=False, on_gpu=False)
     ddp.zero_grad_buffer()
+    ddp.finish_grad_sync()  # no backward: every main grad is zero
     model.decoder.layers[1].mlp.router.weight.main_grad[0, 0] = float("nan")
     optimizer.prepare_grads()
     assert torch.isnan(grad_norm(optimizer, GradScaling(tokens=4.0)))

@@ -2,10 +2,10 @@
 where inductor fuses each chain into one Triton kernel. Elsewhere (CPU CI, a GPU image without Triton)
 the same Python functions run eagerly, so every device runs the same code.
 
-The kernels' block sizes are tuned on the device at their first call (inductor's coordinate-descent
-tuning): these chains are bound by memory bandwidth, and the tuned blocks stream ~10% faster than
-inductor's defaults (AdamW over a 400M-element parameter on an H100: 2.9 against 2.6 TB/s, against
-3.0 TB/s for a plain copy; benchmarks/adamw_bandwidth.py)."""
+``tuned=True`` also tunes the kernel's block sizes on the device at its first call (inductor's
+coordinate-descent tuning): for AdamW over a 400M-element parameter on an H100, 2.9 against 2.6 TB/s with
+inductor's defaults and 3.0 TB/s for a plain copy (benchmarks/adamw_bandwidth.py). It costs compile time,
+so it is kept for the kernels that move the most bytes."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ def triton_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(fn: Callable, dynamic: Optional[bool] = None) -> Callable:
+def compiled(fn: Callable, dynamic: Optional[bool] = None, tuned: bool = False) -> Callable:
     """``fn`` compiled once per process (inductor, whole graph); ``dynamic=True``: one kernel for all
     shapes (e.g. the flat views of every parameter) instead of one per shape."""
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options={"coordinate_descent_tuning": True})
+    options = {"coordinate_descent_tuning": True} if tuned else None
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
 
 
-def fused(fn: Callable, device: torch.device, dynamic: Optional[bool] = None) -> Callable:
+def fused(fn: Callable, device: torch.device, dynamic: Optional[bool] = None, tuned: bool = False) -> Callable:
     """``fn`` compiled when on CUDA with Triton, else ``fn`` itself."""
-    return compiled(fn, dynamic) if device.type == "cuda" and triton_available() else fn
+    return compiled(fn, dynamic, tuned) if device.type == "cuda" and triton_available() else fn

@@ -56,7 +56,7 @@ class _Combine(torch.autograd.Function):
 
 def _sum_copies(rows: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:
     """On CUDA one compiled kernel that gathers and sums (the [T*k, H] gathered rows are never written)."""
-    return fused(sum_copies, rows.device)(rows, inverse, topk)
+    return fused(sum_copies, rows.device, dynamic=False)(rows, inverse, topk)
 
 
 def sum_copies(rows: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:

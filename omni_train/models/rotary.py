@@ -100,7 +100,7 @@ def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0,
     same thing; every other case (packed THD, interleaved, partial rotary, MLA, mscale) goes to megatron."""
     if (cu_seqlens is None and not config.apply_rope_fusion and not config.rotary_interleaved
             and not config.multi_latent_attention and mscale == 1.0 and freqs.shape[-1] == t.shape[-1]):
-        return fused(rotate, t.device)(t, freqs)
+        return fused(rotate, t.device, dynamic=False)(t, freqs)
     return _MEGATRON_APPLY[0](t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
 
 

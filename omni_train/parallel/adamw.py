@@ -82,7 +82,7 @@ class CompiledAdamW(torch.optim.AdamW):
                 if device not in lrs:  # a fill kernel, not a host-to-device copy: the host does not wait
                     lrs[device] = torch.full((), float(group["lr"]), dtype=torch.float32, device=device)
                 grad_scale, inf = scalars[device]
-                fused(adamw_update, device, dynamic=True)(
+                fused(adamw_update, device, dynamic=True, tuned=True)(
                     param.view(-1), param.grad.view(-1), state["exp_avg"].view(-1),
                     state["exp_avg_sq"].view(-1), state["step"] + 1.0, lrs[device], beta1, beta2,
                     group["eps"], group["weight_decay"], grad_scale, inf)

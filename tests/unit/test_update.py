@@ -66,7 +66,8 @@ def test_update_equals_megatrons_step(megatron_world1, dtype, clip_grad, kernel,
     """The reference: megatron's step (grads scaled by finalize_model_grads, its norm, its clipping
     multiply, then torch's fused AdamW). AdamW's eps is set near the grads' size, so that the parameters
     depend on the gradient's scale: a wrong token division or clip coefficient shows in them."""
-    monkeypatch.setattr(adamw, "COMPILED_MIN_NUMEL", 0)  # every tiny parameter through adamw_update
+    # every tiny parameter through adamw_update, and through square_sum for the norm
+    monkeypatch.setattr(adamw, "COMPILED_MIN_NUMEL", 0)
     ours_norms, ours = _train(dtype, clip_grad, ours=True, kernel=kernel)
     ref_norms, ref = _train(dtype, clip_grad, ours=False, kernel="torch_fused")
     if clip_grad < 1:
@@ -138,3 +139,16 @@ def test_skip_decided_on_the_device_leaves_everything_untouched(megatron_world1,
     params_after, states_after = snapshot()
     assert not any(torch.equal(params[n], params_after[n]) for n in params if "norm" not in n)
     assert float(states_after[0]["step"]) == float(states[0]["step"]) + 1
+
+
+def test_square_sum_compiled_equals_eager(inductor_cpu):
+    """The norm's reduction as CUDA runs it (compiled; inductor's CPU backend here) against eager fp64."""
+    from omni_train.models.compiled import compiled
+    from omni_train.parallel.update import square_sum
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for numel in (1000, 100_003):
+            x = torch.randn(numel, generator=g).to(dtype)
+            expected = x.double().square().sum()
+            assert float(compiled(square_sum, True, True)(x)) == pytest.approx(float(expected), rel=1e-5)

@@ -1,7 +1,8 @@
-"""Memory bandwidth of the AdamW update on one GPU, per kernel: what the optimizer step of the throughput
-benchmark costs and how far it is from the device's streaming limit.
+"""Memory bandwidth of the step's largest memory-bound kernels on one GPU (AdamW, the grad norm's
+reduction, the MoE combine's gather-sum): what each costs and how far it is from the device's streaming
+limit.
 
-    python3 benchmarks/adamw_bandwidth.py [--numel 402653184 201326592 311427072] [--json out.json]
+    python3 benchmarks/kernel_bandwidth.py [--numel 402653184 201326592 311427072] [--json out.json]
 
 For each flat bf16 parameter size (default: a 30B-A3B layer's stacked expert weights and the embedding)
 it times, with CUDA events over ``--iters`` back-to-back calls after warm-up:
@@ -11,7 +12,12 @@ it times, with CUDA events over ``--iters`` back-to-back calls after warm-up:
 - ``torch_fused``: ``torch._fused_adamw_`` with a grad_scale;
 - ``compiled``: ``omni_train.parallel.adamw.adamw_update`` through inductor (what CompiledAdamW runs);
 - ``compiled_tuned``: the same with inductor's coordinate-descent tuning of block sizes;
-- ``triton``: ``omni_train.parallel.adamw`` 's Triton kernel, when present.
+- ``triton_<block>_<warps>``: the same update as a hand-written Triton kernel (exploration).
+
+and for the gradient norm's sum of squares over the same sizes: ``norm_foreach`` (torch's multi-tensor
+norm) and ``norm_compiled`` (``parallel.update.square_sum``, tuned); and for the combine of one MoE layer
+at the 30B-A3B width (8,192 tokens x top-8, hidden 2,048): ``combine_eager`` and ``combine_compiled``
+(``models.local_dispatch.sum_copies``) and ``combine_tuned``.
 """
 
 from __future__ import annotations
@@ -143,7 +149,31 @@ def main() -> None:
             row[name] = dict(ms=round(seconds * 1e3, 3), tb_s=round(moved / seconds / 1e12, 3))
             print(f"numel {n:>11,} {name:15s} {seconds * 1e3:7.3f} ms {moved / seconds / 1e12:6.3f} TB/s",
                   flush=True)
+        from omni_train.parallel.update import square_sum
+        norm_tuned = torch.compile(square_sum, fullgraph=True, dynamic=True,
+                                   options={"coordinate_descent_tuning": True})
+        for name, fn in {"norm_foreach": lambda: torch._foreach_norm([grad], 2.0, dtype=torch.float32),
+                         "norm_compiled": lambda: norm_tuned(grad)}.items():
+            seconds = timed(fn, args.iters)
+            row[name] = dict(ms=round(seconds * 1e3, 3), tb_s=round(2 * n / seconds / 1e12, 3))
+            print(f"numel {n:>11,} {name:15s} {seconds * 1e3:7.3f} ms {2 * n / seconds / 1e12:6.3f} TB/s", flush=True)
         rows.append(row)
+        del param, grad, m, v, src, dst
+    from omni_train.models.local_dispatch import sum_copies
+    tokens, topk, hidden = 8192, 8, 2048
+    rows_ = torch.randn(tokens * topk, hidden, device=dev, dtype=torch.bfloat16)
+    inverse = torch.randperm(tokens * topk, device=dev)
+    combine = {"combine_eager": sum_copies,
+               "combine_compiled": torch.compile(sum_copies, fullgraph=True, dynamic=False),
+               "combine_tuned": torch.compile(sum_copies, fullgraph=True, dynamic=False,
+                                              options={"coordinate_descent_tuning": True})}
+    row = {"combine": [tokens, topk, hidden]}
+    for name, fn in combine.items():
+        seconds = timed(lambda fn=fn: fn(rows_, inverse, topk), args.iters)
+        moved = rows_.numel() * 2 + tokens * hidden * 2
+        row[name] = dict(ms=round(seconds * 1e3, 3), tb_s=round(moved / seconds / 1e12, 3))
+        print(f"combine {name:17s} {seconds * 1e3:7.3f} ms {moved / seconds / 1e12:6.3f} TB/s", flush=True)
+    rows.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -158,7 +158,6 @@ def main() -> None:
             row[name] = dict(ms=round(seconds * 1e3, 3), tb_s=round(2 * n / seconds / 1e12, 3))
             print(f"numel {n:>11,} {name:15s} {seconds * 1e3:7.3f} ms {2 * n / seconds / 1e12:6.3f} TB/s", flush=True)
         rows.append(row)
-        del param, grad, m, v, src, dst
     from omni_train.models.local_dispatch import sum_copies
     tokens, topk, hidden = 8192, 8, 2048
     rows_ = torch.randn(tokens * topk, hidden, device=dev, dtype=torch.bfloat16)

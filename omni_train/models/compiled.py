@@ -4,8 +4,9 @@ the same Python functions run eagerly, so every device runs the same code.
 
 ``tuned=True`` also tunes the kernel's block sizes on the device at its first call (inductor's
 coordinate-descent tuning): for AdamW over a 400M-element parameter on an H100, 2.9 against 2.6 TB/s with
-inductor's defaults and 3.0 TB/s for a plain copy (benchmarks/adamw_bandwidth.py). It costs compile time,
-so it is kept for the kernels that move the most bytes."""
+inductor's defaults and 3.0 TB/s for a plain copy; the MoE combine's gather-sum, 2.1 against 0.86 TB/s
+(benchmarks/kernel_bandwidth.py). It costs compile time, so it is kept for the kernels that move the most
+bytes."""
 
 from __future__ import annotations
 

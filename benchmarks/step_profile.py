@@ -164,7 +164,8 @@ def phase_timeline(trainer, step, device, steps: int = 4) -> dict:
 
 def sync_sites(step, top: int = 15) -> list:
     """One more step with torch's CUDA sync debug mode on: where the host waited for the device (each
-    synchronising call, by the innermost omni_train / megatron frames that led to it), with counts."""
+    synchronising call, by the innermost omni_train / megatron / transformers frames that led to it), with
+    counts."""
     import collections
     import traceback
     import warnings
@@ -177,7 +178,7 @@ def sync_sites(step, top: int = 15) -> list:
         if "synchroniz" not in str(message):
             return
         frames = [f for f in traceback.extract_stack()[:-1]
-                  if "/omni_train/" in f.filename or "/megatron/" in f.filename]
+                  if any(part in f.filename for part in ("/omni_train/", "/megatron/", "/transformers/"))]
         where = " < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno}"
                            for f in reversed(frames[-3:]))
         sites[f"{str(message).split(':')[0][:50]} @ {where or filename}"] += 1

@@ -54,6 +54,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
+from omni_train.models import tower_attention
 from omni_train.models.thinker_lm import build_thinker_lm
 
 
@@ -286,9 +287,15 @@ def _check_widths(model_cfg: ModelConfig, audio_cfg, vision_cfg) -> None:
 
 def _build_tower(cls, config, device, params_dtype, attn_implementation):
     config = copy.deepcopy(config)
-    config._attn_implementation = attn_implementation
+    ours = attn_implementation == tower_attention.NAME
+    # transformers would look for a flash-attention package for a name holding "flash": built with SDPA,
+    # the towers' attention layers read the name from their (shared) config at each call
+    config._attn_implementation = "sdpa" if ours else attn_implementation
     with torch.device(device):
         tower = cls(config)
+    if ours:
+        tower_attention.register()
+        tower.config._attn_implementation = attn_implementation
     return tower.to(dtype=params_dtype)
 
 
@@ -299,12 +306,13 @@ def build_omni_thinker(
     *,
     device: Union[torch.device, str],
     params_dtype: torch.dtype,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = tower_attention.NAME,
     recompute: str = "none",
 ) -> OmniThinker:
     """Towers from the HF thinker config (a Qwen3OmniMoeThinkerConfig or its dict: ``audio_config``,
     ``vision_config`` and the placeholder token ids), the LM from ``model_cfg`` (its text_config is not
-    read). Tower attention uses transformers' ``attn_implementation``. ``recompute="full"`` recomputes
+    read). Tower attention: ``models/tower_attention.py`` (varlen flash attention on CUDA, no host sync per
+    layer), or a transformers ``attn_implementation`` ("sdpa", "eager"). ``recompute="full"`` recomputes
     the LM's decoder layers and the towers' blocks (transformers' gradient checkpointing) in backward."""
     _check_layout(parallel_cfg)
     hf = _thinker_config(hf_thinker_config)

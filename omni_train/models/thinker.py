@@ -54,7 +54,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models import tower_attention
+from omni_train.models import tower_attention, tower_plan
 from omni_train.models.thinker_lm import build_thinker_lm
 
 
@@ -75,8 +75,15 @@ def _placeholder_mask(input_ids: torch.Tensor, token_id: int, features: torch.Te
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """embeds [B, S, H] with the masked positions replaced by features (batch-then-sequence order)."""
-    return embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
+    """embeds [B, S, H] with the masked positions replaced by features (batch-then-sequence order): what
+    ``masked_scatter`` computes, as a gather (each masked position reads feature row "masked positions
+    before it") and a select. masked_scatter's backward selects the features' gradient with a boolean mask,
+    whose size the host must read (a sync per call in backward); this backward is an index_add."""
+    if features.shape[0] == 0:
+        return embeds
+    index = (torch.cumsum(mask.reshape(-1), 0) - 1).clamp_(min=0)
+    rows = features.to(embeds.dtype).index_select(0, index).view(embeds.shape)
+    return torch.where(mask[..., None], rows, embeds)
 
 
 def _data_parallel_rank() -> int:
@@ -184,30 +191,48 @@ class OmniThinker(torch.nn.Module):
 
     # ----- towers -----------------------------------------------------------------------------------
 
-    def audio_features(self, input_features, feature_attention_mask=None) -> torch.Tensor:
-        """input_features [N, mel, T] (+ mask [N, T]) -> [tokens, H], audios concatenated."""
+    def audio_features(self, input_features, feature_attention_mask=None, plan=None) -> torch.Tensor:
+        """input_features [N, mel, T] (+ mask [N, T]) -> [tokens, H], audios concatenated. With ``plan``
+        (``prepare_media``) the tower reads its precomputed inputs instead."""
+        if plan is not None:
+            return self.audio_tower(None, feature_lens=None, **plan).last_hidden_state
         if feature_attention_mask is None:
             n, _, t = input_features.shape
             feature_attention_mask = torch.ones(n, t, dtype=torch.long, device=input_features.device)
-        lengths = feature_attention_mask.sum(dim=1)
-        valid = feature_attention_mask.bool()
-        flat = input_features.permute(0, 2, 1)[valid].permute(1, 0)  # [mel, sum of lengths]
+        flat, lengths = tower_plan.flat_audio(input_features, feature_attention_mask)
         return self.audio_tower(flat, feature_lens=lengths).last_hidden_state
 
-    def visual_features(self, pixel_values, grid_thw):
+    def visual_features(self, pixel_values, grid_thw, plan=None):
         """Patches [P, C*t*p*p] + grid_thw [N, 3] -> ([tokens, H], [tokens, H] per DeepStack level)."""
-        out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw)
+        out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw, **(plan or {}))
         return out.pooler_output, list(out.deepstack_features)
+
+    def prepare_media(self, media, device) -> dict:
+        """Tower inputs (``data.media_batch.collate_media``: CPU tensors or None) -> forward's keyword
+        arguments on ``device``, with each tower's plan (``models/tower_plan.py``) worked out on the host
+        first, so that the towers never read a device tensor on the host."""
+        out = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in media.items()}
+        if media.get("input_features") is not None:
+            mask = media.get("feature_attention_mask")
+            if mask is None:
+                n, _, t = media["input_features"].shape
+                mask = torch.ones(n, t, dtype=torch.long)
+            out["audio_plan"] = tower_plan.plan_to(
+                tower_plan.audio_plan(self.audio_tower, media["input_features"], mask), device)
+        for grid, key in (("image_grid_thw", "image_plan"), ("video_grid_thw", "video_plan")):
+            if media.get(grid) is not None:
+                out[key] = tower_plan.plan_to(tower_plan.vision_plan(self.visual, media[grid]), device)
+        return out
 
     # ----- forward ----------------------------------------------------------------------------------
 
     def _merge(self, embeds, input_ids, input_features, feature_attention_mask, pixel_values,
-               image_grid_thw, pixel_values_videos, video_grid_thw):
+               image_grid_thw, pixel_values_videos, video_grid_thw, plans):
         """[B, S, H] embeddings with tower outputs merged; DeepStack tensors [S, B, H] or None."""
         ids = self.placeholder_ids
         zeros = []
         if input_features is not None:
-            audio = self.audio_features(input_features, feature_attention_mask)
+            audio = self.audio_features(input_features, feature_attention_mask, plans.get("audio"))
             embeds = _scatter(embeds, _placeholder_mask(input_ids, ids.audio, audio, "audio"), audio)
         else:
             zeros.append(_zero_from(self.audio_tower))
@@ -218,7 +243,7 @@ class OmniThinker(torch.nn.Module):
         ):
             if pixels is None:
                 continue
-            feats, deepstack = self.visual_features(pixels, grid)
+            feats, deepstack = self.visual_features(pixels, grid, plans.get(kind))
             mask = _placeholder_mask(input_ids, token_id, feats, kind)
             embeds = _scatter(embeds, mask, feats)
             if levels is None:
@@ -245,11 +270,16 @@ class OmniThinker(torch.nn.Module):
         image_grid_thw: Optional[torch.Tensor] = None,
         pixel_values_videos: Optional[torch.Tensor] = None,
         video_grid_thw: Optional[torch.Tensor] = None,
+        audio_plan: Optional[dict] = None,
+        image_plan: Optional[dict] = None,
+        video_plan: Optional[dict] = None,
     ) -> torch.Tensor:
+        """``*_plan``: the towers' precomputed inputs (``prepare_media``), optional."""
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+        plans = {"audio": audio_plan, "image": image_plan, "video": video_plan}
         embeds, self._deepstack = self._merge(
             embeds.transpose(0, 1), input_ids, input_features, feature_attention_mask, pixel_values,
-            image_grid_thw, pixel_values_videos, video_grid_thw,
+            image_grid_thw, pixel_values_videos, video_grid_thw, plans,
         )
         return self.language_model(
             input_ids,

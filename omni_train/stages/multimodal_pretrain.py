@@ -15,7 +15,7 @@ import torch
 
 from omni_train.data import build_source
 from omni_train.data.chat import ChatEncoder
-from omni_train.data.media_batch import collate_media, media_to
+from omni_train.data.media_batch import collate_media
 from omni_train.losses.lm import masked_token_loss
 from omni_train.models.attention import document_attention_mask
 from omni_train.models.init import init_layout_independent
@@ -74,9 +74,17 @@ def build_data(cfg, env):
     return build_source(cfg, env)
 
 
+def _unwrapped(model):
+    """The OmniThinker inside megatron's wrappers (DDP)."""
+    while not hasattr(model, "prepare_media"):
+        model = model.module
+    return model
+
+
 def forward(model, batch):
     device = batch["input_ids"].device
-    media = media_to(collate_media(batch.get("media") or []), device)
+    # collated on the host; the towers' plans are worked out there before the copy (no syncs in them)
+    media = _unwrapped(model).prepare_media(collate_media(batch.get("media") or []), device)
     mask = document_attention_mask(batch["document_ids"])
     per_token_loss = model(batch["input_ids"], batch["position_ids"], attention_mask=mask,
                            labels=batch["labels"], **media)

@@ -243,10 +243,12 @@ class SequencePacker:
 
 def collate_packed(seqs: Sequence[PackedSequence]) -> Dict[str, Any]:
     """Stack packed sequences into a micro-batch: input_ids/labels/loss_mask [B, L], position_ids
-    [3, B, L], document_ids [B, L]; cu_seqlens concatenated over the batch (offset by b*L); media listed."""
+    [3, B, L], document_ids [B, L]; cu_seqlens concatenated over the batch (offset by b*L) and the longest
+    segment (``max_seqlen``, a number: attention kernels size their launch by it); media listed."""
     L = seqs[0].input_ids.shape[0]
     cu = [seqs[0].cu_seqlens] + [s.cu_seqlens[1:] + b * L for b, s in enumerate(seqs) if b > 0]
     return {
+        "max_seqlen": max(int((s.cu_seqlens[1:] - s.cu_seqlens[:-1]).max()) for s in seqs),
         "input_ids": torch.stack([s.input_ids for s in seqs]),
         "labels": torch.stack([s.labels for s in seqs]),
         "loss_mask": torch.stack([s.loss_mask for s in seqs]),

@@ -30,6 +30,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.bias import causal_lower_right
 
+from omni_train.models.tower_attention import _torch_varlen_params as _torch_varlen
+from omni_train.models.tower_attention import uses_flash_kernel
 from omni_train.parallel.context_parallel import slice_for_cp_rank, zigzag_chunks
 
 
@@ -74,12 +76,14 @@ class SDPAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if mask_type != AttnMaskType.causal:
             raise NotImplementedError(f"SDPAttention computes causal attention only, got {mask_type}")
-        if attention_bias is not None or packed_seq_params is not None:
-            raise NotImplementedError("SDPAttention supports neither attention_bias nor packed_seq_params")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention does not support attention_bias")
+        cp = self.cp_group is not None and self.cp_group.size() > 1
+        if packed_seq_params is not None:
+            return self._attend_packed(query, key, value, packed_seq_params, cp)
         sq, b = query.shape[:2]
         # [s, b, heads, hn] -> [b, heads, s, hn], the layout SDPA kernels take.
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        cp = self.cp_group is not None and self.cp_group.size() > 1
         if attention_mask is not None:
             context = self._attend_masked(q, key, value, attention_mask, cp)
         elif not cp:
@@ -88,6 +92,30 @@ class SDPAttention(MegatronModule):
             context = self._attend_context_parallel(q, key, value)
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _attend_packed(self, query, key, value, packed: PackedSeqParams, cp: bool) -> torch.Tensor:
+        """Causal attention within the documents of packed rows: ``packed.cu_seqlens_q`` (= ``_kv``) are
+        the documents' boundaries over the batch's rows laid end to end (row r starts at r * s; its padding,
+        if any, is a document of its own), ``packed.max_seqlen_q`` the longest. On CUDA in bf16/fp16 one
+        call of torch's varlen flash attention, with no [s, s] mask and no work outside the documents;
+        elsewhere the equivalent boolean mask and SDPA (``_attend_masked``)."""
+        if packed.qkv_format != "sbhd":
+            raise NotImplementedError(f"SDPAttention: packed sequences in {packed.qkv_format!r} layout")
+        if packed.cu_seqlens_kv is not None and packed.cu_seqlens_kv is not packed.cu_seqlens_q:
+            raise NotImplementedError("SDPAttention: packed self-attention with cu_seqlens_q == cu_seqlens_kv")
+        if cp:
+            raise NotImplementedError("SDPAttention: packed sequences under context parallelism "
+                                      "(pass the document attention mask)")
+        sq, b = query.shape[:2]
+        cu = packed.cu_seqlens_q
+        if uses_flash_kernel(query):
+            flat = [x.transpose(0, 1).reshape(b * sq, *x.shape[2:]) for x in (query, key, value)]
+            longest = int(packed.max_seqlen_q) if packed.max_seqlen_q is not None else sq
+            out = causal_varlen_attention(*flat, cu, longest, self.softmax_scale)  # [b * s, np, hn]
+            return out.view(b, sq, -1).transpose(0, 1).contiguous()
+        mask = segment_attention_mask(cu, b, sq)
+        q = query.permute(1, 2, 0, 3)
+        return self._attend_masked(q, key, value, mask, cp=False).permute(2, 0, 1, 3).reshape(sq, b, -1)
 
     def _attend(self, q, k, v, is_causal=False, attn_mask=None) -> torch.Tensor:
         gqa = q.shape[1] != k.shape[1]
@@ -150,6 +178,48 @@ def _check_supported(config, attn_mask_type, attention_type, attention_dropout):
         raise NotImplementedError("SDPAttention: apply_query_key_layer_scaling is not supported")
     if config.window_size is not None:
         raise NotImplementedError("SDPAttention: sliding-window attention is not supported")
+
+
+def causal_varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
+    """torch's varlen flash attention, causal within each segment: q [tokens, np, hn], k/v [tokens, ng, hn]
+    (GQA: ng divides np) -> [tokens, np, hn]."""
+    varlen_attn, params = _torch_varlen()
+    cu = cu_seqlens.to(torch.int32)
+    extra = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:  # this torch's kernel takes equal head counts: repeat each K/V head for its query group
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)  # causal
+    else:
+        extra["is_causal"] = True
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, **extra)
+
+
+def segment_attention_mask(cu_seqlens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """``document_attention_mask`` of rows whose segments are ``cu_seqlens`` (over the rows end to end)."""
+    positions = torch.arange(batch * length, device=cu_seqlens.device)
+    segment = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+    return document_attention_mask(segment.view(batch, length))
+
+
+def document_attention(batch: dict) -> dict:
+    """The model's attention keyword arguments for a micro-batch: a packed batch (``document_ids``) with its
+    document boundaries (``cu_seqlens``, ``max_seqlen`` from data.packing) as megatron ``PackedSeqParams``
+    (SDPAttention then attends within documents without an [S, S] mask: varlen flash attention on CUDA)
+    unless context parallel is on, where it gets the documents' boolean mask; nothing for rows that are
+    one document each (plain causal attention)."""
+    documents = batch.get("document_ids")
+    if documents is None:
+        return {}
+    cu = batch.get("cu_seqlens")
+    if cu is not None and parallel_state.get_context_parallel_world_size() == 1:
+        longest = batch.get("max_seqlen")
+        return {"packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                     max_seqlen_q=longest, max_seqlen_kv=longest)}
+    return {"attention_mask": document_attention_mask(documents)}
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:

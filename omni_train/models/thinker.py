@@ -273,8 +273,10 @@ class OmniThinker(torch.nn.Module):
         audio_plan: Optional[dict] = None,
         image_plan: Optional[dict] = None,
         video_plan: Optional[dict] = None,
+        packed_seq_params=None,
     ) -> torch.Tensor:
-        """``*_plan``: the towers' precomputed inputs (``prepare_media``), optional."""
+        """``*_plan``: the towers' precomputed inputs (``prepare_media``), optional; ``packed_seq_params``:
+        documents of packed rows (``models.attention.document_attention``), for the LM's attention."""
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         plans = {"audio": audio_plan, "image": image_plan, "video": video_plan}
         embeds, self._deepstack = self._merge(
@@ -287,6 +289,7 @@ class OmniThinker(torch.nn.Module):
             attention_mask,
             decoder_input=embeds.transpose(0, 1).contiguous(),
             labels=labels,
+            packed_seq_params=packed_seq_params,
         )
 
 

@@ -27,13 +27,20 @@ NAME = "omni_flash_varlen"
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_varlen():
-    """torch's varlen flash attention and whether it takes ``scale``, or None where torch has none."""
+def _torch_varlen_params():
+    """torch's varlen flash attention and the names of its parameters (they differ between torch
+    versions), or None where torch has none."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn, "scale" in inspect.signature(varlen_attn).parameters
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _torch_varlen():
+    """torch's varlen flash attention and whether it takes ``scale``, or None where torch has none."""
+    found = _torch_varlen_params()
+    return None if found is None else (found[0], "scale" in found[1])
 
 
 def uses_flash_kernel(query: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from omni_train.data import build_source
 from omni_train.data.chat import ChatEncoder
 from omni_train.data.media_batch import collate_media
 from omni_train.losses.lm import masked_token_loss
-from omni_train.models.attention import document_attention_mask
+from omni_train.models.attention import document_attention
 from omni_train.models.init import init_layout_independent
 from omni_train.models.thinker import build_omni_thinker
 from omni_train.stages import Stage
@@ -85,9 +85,8 @@ def forward(model, batch):
     device = batch["input_ids"].device
     # collated on the host; the towers' plans are worked out there before the copy (no syncs in them)
     media = _unwrapped(model).prepare_media(collate_media(batch.get("media") or []), device)
-    mask = document_attention_mask(batch["document_ids"])
-    per_token_loss = model(batch["input_ids"], batch["position_ids"], attention_mask=mask,
-                           labels=batch["labels"], **media)
+    per_token_loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
+                           **document_attention(batch), **media)
     return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"],
                                    modality_ids=batch.get("modality_ids"))
 

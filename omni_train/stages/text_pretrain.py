@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from omni_train.data import build_source
-from omni_train.models.attention import document_attention_mask
+from omni_train.models.attention import document_attention
 from omni_train.losses.lm import masked_token_loss
 from omni_train.models.init import init_layout_independent
 from omni_train.models.thinker_lm import build_thinker_lm
@@ -27,10 +27,8 @@ def build_data(cfg, env):
 def forward(model, batch):
     # Packed shard batches say which document each token belongs to; attention stays inside it.
     # (The synthetic stream is one document per row: plain causal attention.)
-    documents = batch.get("document_ids")
-    mask = document_attention_mask(documents) if documents is not None else None
-    per_token_loss = model(batch["input_ids"], batch["position_ids"], attention_mask=mask,
-                           labels=batch["labels"])
+    per_token_loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
+                           **document_attention(batch))
     return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"])
 
 

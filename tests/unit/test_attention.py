@@ -5,6 +5,7 @@ import pytest
 import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
 from omni_train.models.attention import SDPAttention
@@ -78,8 +79,35 @@ def test_refuses_what_it_does_not_support(megatron_world1):
         SDPAttention(config(), 1, AttnMaskType.padding, "self")
     attn = build(SDPAttention, config())
     q, k, v = qkv(seq=4, batch=1, groups=GROUPS)
-    with pytest.raises(NotImplementedError, match="packed_seq_params"):
-        attn(q, k, v, None, packed_seq_params=object())
+    with pytest.raises(NotImplementedError, match="thd"):
+        attn(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    with pytest.raises(NotImplementedError, match="attention_bias"):
+        attn(q, k, v, None, attention_bias=torch.zeros(1))
+
+
+def test_packed_documents_equal_the_document_mask(megatron_world1):
+    """Packed rows given as document boundaries (PackedSeqParams, as data.packing's cu_seqlens): the same
+    outputs and gradients as the document mask of the same rows (on CPU the boundaries become that mask;
+    on CUDA they drive varlen flash attention, checked on the GPU: benchmarks/RESULTS.md)."""
+    from omni_train.models.attention import document_attention, document_attention_mask, segment_attention_mask
+
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1], [0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
+    cu = torch.tensor([0, 3, 7, 9, 10, 15, 18, 20], dtype=torch.int32)
+    assert torch.equal(segment_attention_mask(cu, 2, 10), document_attention_mask(document_ids))
+    args = document_attention({"document_ids": document_ids, "cu_seqlens": cu, "max_seqlen": 5})
+    packed = args["packed_seq_params"]
+    assert packed.max_seqlen_q == 5 and packed.cu_seqlens_q is cu and "attention_mask" not in args
+    attn = build(SDPAttention, config())
+    q, k, v = qkv(seq=10, batch=2, groups=GROUPS)
+    grad_out = torch.randn(10, 2, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(3))
+    results = []
+    for kwargs in (dict(packed_seq_params=packed), dict()):
+        mask = None if kwargs else document_attention_mask(document_ids)
+        out = attn(q, k, v, mask, **kwargs)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert document_attention({"input_ids": q}) == {}  # rows of one document each: plain causal
 
 
 @pytest.mark.parametrize("groups", [GROUPS, HEADS], ids=["gqa", "mha"])

@@ -79,6 +79,10 @@ class ModelConfig:
     # Audio and vision towers in front of the LM (stage multimodal_pretrain). Replicated on every rank:
     # tp = pp = cp = 1 only.
     towers: bool = False
+    # On CUDA (with Triton): each tower layer through torch.compile (dynamic shapes), fused elementwise
+    # kernels and far less host work per layer than transformers' eager modules (the towers' step is
+    # bound by the host's kernel launches otherwise). Not with trainer.recompute=full.
+    compile_towers: bool = True
     audio_tower: AudioTowerConfig = field(default_factory=AudioTowerConfig)
     vision_tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
 

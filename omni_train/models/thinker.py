@@ -55,6 +55,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
 from omni_train.models import tower_attention, tower_plan
+from omni_train.models.compiled import triton_available
 from omni_train.models.thinker_lm import build_thinker_lm
 
 
@@ -318,6 +319,17 @@ def _check_widths(model_cfg: ModelConfig, audio_cfg, vision_cfg) -> None:
         raise ValueError(f"tower widths {bad} != LM hidden_size {model_cfg.hidden_size}")
 
 
+def compile_layers(tower: torch.nn.Module) -> None:
+    """torch.compile each of a tower's transformer layers in place (dynamic shapes: the token count
+    changes with the batch's media). The rest of the tower (convolutions, patch embedding, mergers) runs
+    once per forward and stays eager."""
+    layers = getattr(tower, "layers", None) or getattr(tower, "blocks", None)
+    if layers is None:
+        raise ValueError(f"{type(tower).__name__}: no .layers or .blocks to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+
 def _build_tower(cls, config, device, params_dtype, attn_implementation):
     config = copy.deepcopy(config)
     ours = attn_implementation == tower_attention.NAME
@@ -358,6 +370,9 @@ def build_omni_thinker(
     if recompute == "full":
         for tower in towers:
             tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model_cfg.compile_towers and device.type == "cuda" and triton_available():
+        for tower in towers:
+            compile_layers(tower)
     return OmniThinker(
         audio_tower=towers[0],
         visual=towers[1],

@@ -133,3 +133,17 @@ def test_scatter_equals_masked_scatter_forward_and_backward():
         results.append((out, *torch.autograd.grad((out * weights).sum(), (embeds, features))))
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)
+
+
+def test_compiled_tower_layers_equal_eager(inductor_cpu):
+    """model.compile_towers as CUDA runs it (each layer through torch.compile; here inductor's CPU
+    backend): the audio tower's output and gradients equal the eager tower's."""
+    from omni_train.models.thinker import compile_layers
+
+    eager = _run("audio", _tower("audio", tower_attention.NAME), plan=True)
+    tower = _tower("audio", tower_attention.NAME)
+    compile_layers(tower)
+    compiled = _run("audio", tower, plan=True)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for name in eager[1]:
+        torch.testing.assert_close(compiled[1][name], eager[1][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -213,11 +213,12 @@ def document_attention(batch: dict) -> dict:
     one document each (plain causal attention)."""
     documents = batch.get("document_ids")
     if documents is None:
-        return {}
+        return {"attention_mask": None}
     cu = batch.get("cu_seqlens")
     if cu is not None and parallel_state.get_context_parallel_world_size() == 1:
         longest = batch.get("max_seqlen")
-        return {"packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+        return {"attention_mask": None,
+                "packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                                      max_seqlen_q=longest, max_seqlen_kv=longest)}
     return {"attention_mask": document_attention_mask(documents)}
 

@@ -117,7 +117,9 @@ def print_dry_run(cfg: TrainConfig, world_size: int, build: bool = True) -> bool
     towers = build_towers_on_meta(cfg.model) if build and cfg.model.towers else None
     print(format_dry_run(cfg.model, cfg.parallel, built, towers), flush=True)
     estimates = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.stage, world_size,
-                                document_mask=cfg.data.name == "shards",
+                                # packed documents need an [S, S] mask only under context parallelism
+                                # (else varlen flash attention over their boundaries, on the GPU in bf16)
+                                document_mask=cfg.data.name == "shards" and cfg.parallel.cp > 1,
                                 master_weights=cfg.optim.master_weights)
     print(format_estimate(estimates, cfg.dry_run_gpu_memory_gb), flush=True)
     return max(e.total for e in estimates) <= cfg.dry_run_gpu_memory_gb * 1e9

@@ -22,8 +22,9 @@ min(pp - s, micro-batches per step) micro-batches in flight), what autograd keep
       router     2h/s (norm input and output) + E in fp32 (softmax of the load-balancing loss)
       experts    k*h (dispatched tokens) + 5kF/tp (fc1 output 2kF, SiLU, gated product, fc2 input) + k fp32
     with trainer.recompute=full only the layer input (h/s) is kept and one layer at a time is recomputed;
-  * with packed documents (data=shards) the [b, 1, S, S] document mask (bool) and, per layer, the additive
-    mask SDPA converts it to (parameter dtype; kept for the backward);
+  * with packed documents under context parallelism the [b, 1, S, S] document mask (bool) and, per layer,
+    the additive mask SDPA converts it to (parameter dtype; kept for the backward); without context
+    parallelism the GPU attends over the documents' boundaries (varlen flash attention) and keeps no mask;
   * logits: [tokens, V/tp] in the parameter dtype plus megatron's fp32 softmax in the cross entropy;
   * towers (when on and trainable in the phase): worst case, the whole micro-batch is placeholders of the
     tower with the larger activations (every token audio, or every token an image/video token); their

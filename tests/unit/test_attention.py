@@ -96,7 +96,7 @@ def test_packed_documents_equal_the_document_mask(megatron_world1):
     assert torch.equal(segment_attention_mask(cu, 2, 10), document_attention_mask(document_ids))
     args = document_attention({"document_ids": document_ids, "cu_seqlens": cu, "max_seqlen": 5})
     packed = args["packed_seq_params"]
-    assert packed.max_seqlen_q == 5 and packed.cu_seqlens_q is cu and "attention_mask" not in args
+    assert packed.max_seqlen_q == 5 and packed.cu_seqlens_q is cu and args["attention_mask"] is None
     attn = build(SDPAttention, config())
     q, k, v = qkv(seq=10, batch=2, groups=GROUPS)
     grad_out = torch.randn(10, 2, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(3))
@@ -107,7 +107,7 @@ def test_packed_documents_equal_the_document_mask(megatron_world1):
         results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert document_attention({"input_ids": q}) == {}  # rows of one document each: plain causal
+    assert document_attention({"input_ids": q}) == {"attention_mask": None}  # one document a row: causal
 
 
 @pytest.mark.parametrize("groups", [GROUPS, HEADS], ids=["gqa", "mha"])

@@ -30,8 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.bias import causal_lower_right
 
-from omni_train.models.tower_attention import _torch_varlen_params as _torch_varlen
-from omni_train.models.tower_attention import uses_flash_kernel
+from omni_train.models.tower_attention import uses_flash_kernel, varlen_kernel
 from omni_train.parallel.context_parallel import slice_for_cp_rank, zigzag_chunks
 
 
@@ -183,7 +182,7 @@ def _check_supported(config, attn_mask_type, attention_type, attention_dropout):
 def causal_varlen_attention(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
     """torch's varlen flash attention, causal within each segment: q [tokens, np, hn], k/v [tokens, ng, hn]
     (GQA: ng divides np) -> [tokens, np, hn]."""
-    varlen_attn, params = _torch_varlen()
+    varlen_attn, params = varlen_kernel()
     cu = cu_seqlens.to(torch.int32)
     extra = {}
     if q.shape[1] != k.shape[1]:

@@ -27,7 +27,7 @@ NAME = "omni_flash_varlen"
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_varlen_params():
+def varlen_kernel():
     """torch's varlen flash attention and the names of its parameters (they differ between torch
     versions), or None where torch has none."""
     try:
@@ -39,7 +39,7 @@ def _torch_varlen_params():
 
 def _torch_varlen():
     """torch's varlen flash attention and whether it takes ``scale``, or None where torch has none."""
-    found = _torch_varlen_params()
+    found = varlen_kernel()
     return None if found is None else (found[0], "scale" in found[1])
 
 

@@ -54,6 +54,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from omni_train.config.schema import ModelConfig, ParallelConfig
+from omni_train.data.media_batch import media_to
 from omni_train.models import tower_attention, tower_plan
 from omni_train.models.compiled import triton_available
 from omni_train.models.thinker_lm import build_thinker_lm
@@ -212,18 +213,18 @@ class OmniThinker(torch.nn.Module):
         """Tower inputs (``data.media_batch.collate_media``: CPU tensors or None) -> forward's keyword
         arguments on ``device``, with each tower's plan (``models/tower_plan.py``) worked out on the host
         first, so that the towers never read a device tensor on the host."""
-        out = {k: v.to(device, non_blocking=True) if v is not None else None for k, v in media.items()}
+        plans = {}
         if media.get("input_features") is not None:
             mask = media.get("feature_attention_mask")
             if mask is None:
                 n, _, t = media["input_features"].shape
                 mask = torch.ones(n, t, dtype=torch.long)
-            out["audio_plan"] = tower_plan.plan_to(
-                tower_plan.audio_plan(self.audio_tower, media["input_features"], mask), device)
+            plans["audio_plan"] = tower_plan.audio_plan(self.audio_tower, media["input_features"], mask)
         for grid, key in (("image_grid_thw", "image_plan"), ("video_grid_thw", "video_plan")):
             if media.get(grid) is not None:
-                out[key] = tower_plan.plan_to(tower_plan.vision_plan(self.visual, media[grid]), device)
-        return out
+                plans[key] = tower_plan.vision_plan(self.visual, media[grid])
+        return {**media_to(media, device),
+                **{key: plan if plan is None else media_to(plan, device) for key, plan in plans.items()}}
 
     # ----- forward ----------------------------------------------------------------------------------
 

@@ -37,15 +37,9 @@ def varlen_kernel():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _torch_varlen():
-    """torch's varlen flash attention and whether it takes ``scale``, or None where torch has none."""
-    found = varlen_kernel()
-    return None if found is None else (found[0], "scale" in found[1])
-
-
 def uses_flash_kernel(query: torch.Tensor) -> bool:
     """Whether ``varlen_attention`` runs torch's varlen flash kernel for this input (else SDPA per window)."""
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _torch_varlen() is not None
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and varlen_kernel() is not None
 
 
 def varlen_attention(module, query, key, value, attention_mask=None, scaling: Optional[float] = None,
@@ -62,13 +56,10 @@ def varlen_attention(module, query, key, value, attention_mask=None, scaling: Op
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [tokens, heads, head_dim]
     scale = q.shape[-1] ** -0.5 if scaling is None else scaling
     if uses_flash_kernel(q):
-        varlen_attn, takes_scale = _torch_varlen()
+        varlen_attn, _ = varlen_kernel()
         cu = cu_seq_lens_q.to(torch.int32)
         longest = int(max_length_q) if max_length_q is not None else q.shape[0]  # an upper bound will do
-        if takes_scale:
-            out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale)
-        else:  # its default scale is head_dim ** -0.5: fold any other into the query
-            out = varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, longest, longest)
+        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale)
     else:
         out = per_window_attention(q, k, v, cu_seq_lens_q, scale)
     return out.unsqueeze(0), None

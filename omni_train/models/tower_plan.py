@@ -60,9 +60,3 @@ def vision_plan(tower, grid_thw: torch.Tensor) -> Optional[Dict[str, Any]]:
                 position_ids=hf.get_vision_position_ids(grid_thw, tower.spatial_merge_size),
                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
-
-def plan_to(plan: Optional[Dict[str, Any]], device: torch.device) -> Optional[Dict[str, Any]]:
-    """A plan's tensors on ``device`` (copies the host does not wait for); numbers stay as they are."""
-    if plan is None:
-        return None
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in plan.items()}

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any, Dict
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from omni_train.data import build_source
 from omni_train.data.chat import ChatEncoder
@@ -74,17 +75,10 @@ def build_data(cfg, env):
     return build_source(cfg, env)
 
 
-def _unwrapped(model):
-    """The OmniThinker inside megatron's wrappers (DDP)."""
-    while not hasattr(model, "prepare_media"):
-        model = model.module
-    return model
-
-
 def forward(model, batch):
     device = batch["input_ids"].device
     # collated on the host; the towers' plans are worked out there before the copy (no syncs in them)
-    media = _unwrapped(model).prepare_media(collate_media(batch.get("media") or []), device)
+    media = unwrap_model(model).prepare_media(collate_media(batch.get("media") or []), device)
     per_token_loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
                            **document_attention(batch), **media)
     return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"],

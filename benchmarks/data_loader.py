@@ -37,7 +37,7 @@ from omni_train.data import decode as decode_mod  # noqa: E402
 from omni_train.data.decode import decode_sample  # noqa: E402
 from omni_train.data.packing import Document, SequencePacker, collate_packed  # noqa: E402
 from omni_train.data.shards import ShardSource  # noqa: E402
-from omni_train.models.attention import document_attention_mask  # noqa: E402
+from omni_train.models.common.attention import document_attention_mask  # noqa: E402
 from omni_train.data.stream import ShardStream  # noqa: E402
 
 WORDS = ("the a to and of in is it that was for on are with as his they be at one have this from or had by word "

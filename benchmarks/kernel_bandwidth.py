@@ -17,7 +17,7 @@ it times, with CUDA events over ``--iters`` back-to-back calls after warm-up:
 and for the gradient norm's sum of squares over the same sizes: ``norm_foreach`` (torch's multi-tensor
 norm) and ``norm_compiled`` (``parallel.update.square_sum``, tuned); and for the combine of one MoE layer
 at the 30B-A3B width (8,192 tokens x top-8, hidden 2,048): ``combine_eager`` and ``combine_compiled``
-(``models.local_dispatch.sum_copies``) and ``combine_tuned``.
+(``models.common.local_dispatch.sum_copies``) and ``combine_tuned``.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
             row[name] = dict(ms=round(seconds * 1e3, 3), tb_s=round(2 * n / seconds / 1e12, 3))
             print(f"numel {n:>11,} {name:15s} {seconds * 1e3:7.3f} ms {2 * n / seconds / 1e12:6.3f} TB/s", flush=True)
         rows.append(row)
-    from omni_train.models.local_dispatch import sum_copies
+    from omni_train.models.common.local_dispatch import sum_copies
     tokens, topk, hidden = 8192, 8, 2048
     rows_ = torch.randn(tokens * topk, hidden, device=dev, dtype=torch.bfloat16)
     inverse = torch.randperm(tokens * topk, device=dev)

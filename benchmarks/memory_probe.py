@@ -5,8 +5,8 @@
 Builds the model as the multimodal stages do (towers + megatron LM, the stage's trainable set, megatron
 DDP with fp32 grad buffers, the distributed optimizer), runs two optimizer steps on one micro-batch whose
 tokens are (almost) all audio or all image placeholders (the estimate's worst case) with a packed-document
-mask, and prints the second step's measured memory next to omni_train/models/memory_estimate.py's
-figures for the same config at world size 1. Use it with a reduced depth (model.num_layers) so that one
+mask, and prints the second step's measured memory next to omni_train/planning/memory_estimate.py's
+figures for the same config at world size 1. Use it with a reduced depth (model.thinker.num_layers) so that one
 GPU holds the model; the per-layer and per-token terms are the same as at full depth.
 """
 
@@ -34,16 +34,16 @@ def _audio_batch(cfg, tokens: int, device, ids: dict):
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
     chunks = (tokens - 1) // 13
-    frames = chunks * 2 * cfg.model.audio_tower.n_window
+    frames = chunks * 2 * cfg.model.thinker.audio_tower.n_window
     n = int(_get_feat_extract_output_lengths(torch.tensor(frames)))
-    features = torch.randn(1, cfg.model.audio_tower.num_mel_bins, frames, device=device)
+    features = torch.randn(1, cfg.model.thinker.audio_tower.num_mel_bins, frames, device=device)
     mask = torch.ones(1, frames, dtype=torch.long, device=device)
     return n, ids["audio_pad"], dict(input_features=features, feature_attention_mask=mask)
 
 
 def _image_batch(cfg, tokens: int, device, ids: dict):
     """One image of (tokens // 64) x 64 merged patches (each 2x2 patches of 16x16, two frames)."""
-    v = cfg.model.vision_tower
+    v = cfg.model.thinker.vision_tower
     merge = v.spatial_merge_size
     rows, cols = (tokens - 1) // 64, 64
     grid = torch.tensor([[1, rows * merge, cols * merge]], device=device)
@@ -55,9 +55,9 @@ def _image_batch(cfg, tokens: int, device, ids: dict):
 def _batch(cfg, media: str, device):
     seq, b = cfg.trainer.seq_length, cfg.trainer.micro_batch_size
     assert b == 1, "the probe builds one sequence per micro-batch"
-    placeholders = _token_ids(cfg.model.vocab_size)
+    placeholders = _token_ids(cfg.model.thinker.vocab_size)
     n, token, inputs = (_audio_batch if media == "audio" else _image_batch)(cfg, seq, device, placeholders)
-    ids = torch.randint(0, cfg.model.vocab_size - len(PLACEHOLDERS), (1, seq), device=device)
+    ids = torch.randint(0, cfg.model.thinker.vocab_size - len(PLACEHOLDERS), (1, seq), device=device)
     ids[0, 1:1 + n] = token
     positions = torch.arange(seq, device=device).view(1, 1, seq).expand(3, 1, seq).contiguous()
     documents = torch.zeros(1, seq, dtype=torch.long, device=device)
@@ -76,13 +76,13 @@ def _phase_stage(stage, phase_name):
 
 def measure(overrides, media: str, phase: str | None) -> dict:
     from omni_train.config import compose
-    from omni_train.models.attention import document_attention_mask
-    from omni_train.models.memory_estimate import estimate_memory
-    from omni_train.models.thinker import build_omni_thinker
+    from omni_train.models.common.attention import document_attention_mask
+    from omni_train.planning.memory_estimate import estimate_memory
+    from omni_train.models.thinker.omni import build_omni_thinker
     from omni_train.parallel.setup import init_parallel
     from omni_train.parallel.wrap import build_optimizer, wrap_data_parallel
     from omni_train.stages import apply_trainable
-    from omni_train.stages.multimodal_pretrain import hf_thinker_config
+    from omni_train.models.thinker.hf_config import hf_thinker_config
 
     cfg = OmegaConf.to_object(compose(list(overrides)))
     on_gpu = torch.cuda.is_available()  # the CPU path only checks that the probe runs
@@ -90,7 +90,7 @@ def measure(overrides, media: str, phase: str | None) -> dict:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     init_parallel(cfg.parallel, device, seed=0)
     stage = _phase_stage(cfg.stage, phase)
-    model = build_omni_thinker(hf_thinker_config(cfg.model, _token_ids(cfg.model.vocab_size)), cfg.model, cfg.parallel, device=device,
+    model = build_omni_thinker(hf_thinker_config(cfg.model.thinker, _token_ids(cfg.model.thinker.vocab_size)), cfg.model.thinker, cfg.parallel, device=device,
                                params_dtype=dtype, recompute=cfg.trainer.recompute)
     counts = apply_trainable(model, stage.trainable, stage.frozen)
     ddp = wrap_data_parallel(model, cfg.parallel, on_gpu=on_gpu)
@@ -120,7 +120,7 @@ def measure(overrides, media: str, phase: str | None) -> dict:
             record.update(states_gb=before / GB, kept_after_forward_gb=(after_forward - before) / GB,
                           peak_gb=memory.max_memory_allocated() / GB,
                           reserved_gb=memory.max_memory_reserved() / GB)
-    estimate = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, stage, world_size=1, document_mask=True)[0]
+    estimate = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, stage, world_size=1, document_mask=True)[0]
     items = {item.label: item.bytes / GB for item in estimate.items}
     states = sum(items[k] for k in ("parameters", "gradients", "optimizer"))
     return dict(overrides=list(overrides), media=media, media_tokens=n, phase=phase, trainable=counts,

@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, megatron.core as m; print("torch", torch.__version__, "transformers", transformers.__version__, "megatron-core", m.__version__)'
-BASE=(model=qwen3_omni_30b_a3b model.towers=true model.num_layers=4 model.num_experts=32
+BASE=(model=qwen3_omni_30b_a3b model.thinker.towers=true model.thinker.num_layers=4 model.thinker.num_experts=32
       trainer.micro_batch_size=1 trainer.precision=bf16 trainer.max_steps=100 data=shards)
 probe() { timeout 300 python3 benchmarks/memory_probe.py "${BASE[@]}" "$@" --out "$OUT/memory_probe.jsonl" | tail -n 40; }
 case "${1:-first}" in

@@ -4,7 +4,7 @@ Every sequence holds, in this order: 4 text tokens, one audio clip of ``audio_fr
 (``<|audio_start|>``, its placeholders, ``<|audio_end|>``), 4 text tokens, one square image of
 ``image_size`` pixels (``<|vision_start|>``, its placeholders, ``<|vision_end|>``), then text up to the
 sequence length. Placeholder counts follow the data pipeline (omni_train.data.features); TM-RoPE
-position ids come from omni_train.models.rope_index, as the shard loader computes them. Features are
+position ids come from omni_train.models.thinker.rope_index, as the shard loader computes them. Features are
 seeded random values of the processor's shapes (``input_features`` [mel, T]; ``pixel_values``
 [t*h*w, 3*tp*p*p] with ``grid_thw`` (1, h, w)): throughput does not depend on their values.
 
@@ -23,9 +23,10 @@ import torch
 
 from omni_train.data.chat import MediaItem, build_test_tokenizer
 from omni_train.data.features import num_audio_tokens, vision_num_tokens
-from omni_train.data.media_batch import collate_media, media_to
+from omni_train.data.media_batch import collate_media
+from omni_train.models.common.tensors import tensors_to
 from omni_train.data.packing import document_modality
-from omni_train.models.rope_index import tm_rope_position_ids
+from omni_train.models.thinker.rope_index import tm_rope_position_ids
 
 TEXT_GAP = 4  # text tokens before the audio clip and between the clip and the image
 
@@ -115,7 +116,7 @@ def hf_inputs(batch: Dict[str, Any], device) -> Dict[str, Any]:
     """transformers' Thinker inputs for a batch of ``omni_batches``: the same tokens, position ids and
     media (collated and copied to the device each step, as the stage's forward does); labels -100 where
     the loss mask is 0."""
-    media = media_to(collate_media(batch["media"]), device)
+    media = tensors_to(collate_media(batch["media"]), device)
     labels = torch.where(batch["loss_mask"] > 0, batch["labels"], torch.full_like(batch["labels"], -100))
     return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=labels,
                 **{k: v for k, v in media.items() if v is not None})

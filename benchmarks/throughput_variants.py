@@ -24,18 +24,18 @@ LR, CLIP = 3e-4, 1.0
 
 def model_fields(spec: dict) -> dict:
     sizes = TINY if spec["tiny"] else PROXY
-    return dict(sizes, flavor="tiny" if spec["tiny"] else "qwen3_omni_30b_a3b", num_layers=spec["layers"],
+    return dict(sizes, num_layers=spec["layers"],
                 aux_loss_coeff=0.0, max_position_embeddings=max(4096, spec["seq_length"]))
 
 
 def model_config(spec: dict):
-    from omni_train.config.schema import ModelConfig
+    from omni_train.config.schema import ThinkerConfig
 
-    return ModelConfig(**model_fields(spec))
+    return ThinkerConfig(**model_fields(spec))
 
 
 def lm_overrides(spec: dict) -> list:
-    return [f"model.{k}={v}" for k, v in model_fields(spec).items() if k != "flavor"]
+    return [f"model.thinker.{k}={v}" for k, v in model_fields(spec).items()]
 
 
 def omni_flavor(spec: dict) -> str:
@@ -48,7 +48,7 @@ def omni_model_config(spec: dict):
 
     from omni_train.config import compose
 
-    composed = compose([f"model={omni_flavor(spec)}", "model.towers=true", *lm_overrides(spec)])
+    composed = compose([f"model={omni_flavor(spec)}", "model.thinker.towers=true", *lm_overrides(spec)])
     return OmegaConf.to_object(composed).model
 
 
@@ -104,9 +104,9 @@ def ours_overrides(variant: str, spec: dict, on_gpu: bool, tokenizer=None) -> li
     if variant == "ours_bf16" or (omni and not spec.get("master_weights", True)):
         overrides += ["optim.master_weights=false", "parallel.distributed_optimizer=false"]
     if variant == "ours_sequential":  # megatron's SequentialMLP experts and alltoall dispatcher, for reference
-        overrides += ["model.experts_impl=sequential"]
+        overrides += ["model.thinker.experts_impl=sequential"]
     if omni:  # the stage reads its placeholder ids from the tokenizer; its data source is replaced below
-        overrides += ["stage=multimodal_pretrain", "model.towers=true", f"data.tokenizer={tokenizer}"]
+        overrides += ["stage=multimodal_pretrain", "model.thinker.towers=true", f"data.tokenizer={tokenizer}"]
     return overrides + list(spec.get("ours_overrides", []))
 
 
@@ -135,8 +135,8 @@ def build_ours(variant: str, spec: dict, device):
     cfg = OmegaConf.to_object(composed)
     per_step = spec.get("micro_batches", 1)
     count = (spec["warmup"] + spec["steps"] + 1) * per_step
-    batches = (omni_batches(spec, cfg.model, ids, count, device) if omni
-               else make_batches(spec, cfg.model.vocab_size, count, device))
+    batches = (omni_batches(spec, cfg.model.thinker, ids, count, device) if omni
+               else make_batches(spec, cfg.model.thinker.vocab_size, count, device))
     # This process runs one variant: the stage's data source becomes the benchmark's batches.
     load_stage(cfg.stage).build_data = lambda cfg, env: FixedBatches(batches, per_step)
     env = init_parallel(cfg.parallel, device, cfg.trainer.seed)
@@ -153,13 +153,13 @@ def build_ours(variant: str, spec: dict, device):
 
 
 def hf_thinker_config(m, impl: str, placeholder_ids=None):
-    """transformers' thinker config for ModelConfig ``m``. Text-only use (``placeholder_ids`` None): towers
+    """transformers' thinker config for ThinkerConfig ``m``. Text-only use (``placeholder_ids`` None): towers
     shrunk (they get no input, hence no gradient and no optimizer state). Omni use: the towers of
     ``m.audio_tower`` / ``m.vision_tower`` and the tokenizer's placeholder ids, as the stage builds them."""
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
 
-    from omni_train.models.thinker_lm_bridge import hf_text_config
-    from omni_train.stages.multimodal_pretrain import hf_thinker_config as stage_towers
+    from omni_train.models.thinker.bridge import hf_text_config
+    from omni_train.models.thinker.hf_config import hf_thinker_config as stage_towers
 
     # the LM of our sizes (the bridge's mapping); no cache, no router logits, no aux loss in training
     text = dict(hf_text_config(m), use_cache=False, output_router_logits=False, router_aux_loss_coef=0.0)

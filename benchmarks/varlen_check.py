@@ -1,5 +1,5 @@
 """On a GPU: the LM's packed-document attention through torch's varlen flash attention
-(``models.attention.causal_varlen_attention``) against SDPA with the document mask, at the 30B-A3B widths
+(``models.common.attention.causal_varlen_attention``) against SDPA with the document mask, at the 30B-A3B widths
 (32 query / 4 KV heads, head dim 128), bf16, forward and gradients, and the time of both.
 
     python3 benchmarks/varlen_check.py [--rows 2] [--length 4096] [--documents 8]
@@ -18,7 +18,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from omni_train.models.attention import causal_varlen_attention, segment_attention_mask
+    from omni_train.models.common.attention import causal_varlen_attention, segment_attention_mask
 
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=2)

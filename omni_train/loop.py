@@ -31,7 +31,7 @@ from omni_train.checkpoint.manager import (
 from omni_train.config import TrainConfig
 from omni_train.data.packing import MODALITIES
 from omni_train.metrics import MetricsLogger, Throughput, peak_memory_gib
-from omni_train.models.moe_load import ExpertLoadTracker
+from omni_train.models.common.moe_load import ExpertLoadTracker
 from omni_train.parallel.context_parallel import split_for_context_parallel
 from omni_train.parallel.setup import ParallelEnv
 from omni_train.parallel.update import GradScaling, apply_update, finalize_grads, grad_norm
@@ -101,7 +101,7 @@ class Trainer:
         self.data = self.stage.build_data(cfg, env)
         self.state = self._restore(latest)
         self.logger = MetricsLogger(cfg.logger, self.run_dir, resolved) if env.is_main else None
-        self.throughput = Throughput(cfg.model, cfg.trainer.seq_length, env.world_size)
+        self.throughput = Throughput(cfg.model.thinker, cfg.trainer.seq_length, env.world_size)
         self.nonfinite = NonFiniteGuard(cfg.trainer.nonfinite, cfg.trainer.max_nonfinite_skips, env.device)
         self.preemption: Optional[Preemption] = None  # set by fit(); train_step asks it before each update
         self.stop_requested = False

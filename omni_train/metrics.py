@@ -10,13 +10,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from omni_train.config import LoggerConfig, ModelConfig
+from omni_train.config import LoggerConfig, ThinkerConfig
 
 # Dense bf16 tensor-core peak used for MFU, FLOP/s per device (H100/H200 SXM datasheet).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def flops_per_token(model: ModelConfig, seq_length: int) -> float:
+def flops_per_token(model: ThinkerConfig, seq_length: int) -> float:
     """Training FLOPs per token (forward + backward), Megatron's MoE formula.
 
     6 * (active linear parameters per token) for the projections, routed SwiGLU experts (3 matrices,
@@ -43,7 +43,7 @@ def _segments(total: int, size: int) -> List[int]:
     return [size] * (total // size) + ([total % size] if total % size else [])
 
 
-def audio_tower_flops(model: ModelConfig, num_frames: int) -> float:
+def audio_tower_flops(model: ThinkerConfig, num_frames: int) -> float:
     """Training FLOPs (forward + backward) of the audio encoder (AuT, transformers'
     ``Qwen3OmniMoeAudioEncoder``) on one audio input of ``num_frames`` log-mel frames; the same
     convention as ``flops_per_token``: 6 x multiply-accumulates (2 per MAC forward, x3 with backward),
@@ -82,7 +82,7 @@ def audio_tower_flops(model: ModelConfig, num_frames: int) -> float:
     return 6.0 * (front + layers + head)
 
 
-def vision_tower_flops(model: ModelConfig, grid_thw: Sequence[int], in_channels: int = 3) -> float:
+def vision_tower_flops(model: ThinkerConfig, grid_thw: Sequence[int], in_channels: int = 3) -> float:
     """Training FLOPs (forward + backward) of the vision encoder (ViT, transformers'
     ``Qwen3OmniMoeVisionEncoder``) on one image or video of ``grid_thw`` = (t, h, w) patches (an image
     is t = 1: its frame repeated over the temporal patch); the convention of ``audio_tower_flops``.
@@ -125,7 +125,7 @@ def peak_memory_gib(device: torch.device) -> float:
 class Throughput:
     """Tokens/s, achieved TFLOP/s and MFU over the steps since the last report."""
 
-    def __init__(self, model: ModelConfig, seq_length: int, world_size: int):
+    def __init__(self, model: ThinkerConfig, seq_length: int, world_size: int):
         self.flops_per_token = flops_per_token(model, seq_length)
         self.peak = device_peak_flops()
         self.world_size = world_size

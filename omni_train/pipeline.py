@@ -61,12 +61,13 @@ def make_data(cfg: DictConfig) -> None:
     root = cfg.pipeline.synth_root
     if root is None or (Path(root) / "tokenizer").is_dir():
         return
-    from data_pipelines.pretrain_synth import KINDS, synth_suite
-
+    # the offline tool runs as its own process: the library never imports data_pipelines
     start = time.perf_counter()
-    built = synth_suite(root, {kind: cfg.pipeline.synth_samples for kind in KINDS})
-    _say(f"made synthetic data in {root} ({sum(built.values())} samples, {len(built)} kinds) "
-         f"in {time.perf_counter() - start:.1f}s")
+    command = [sys.executable, "-m", "data_pipelines.cli", "synth-suite", str(root),
+               "--samples", str(cfg.pipeline.synth_samples)]
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"omni-train: pipeline: `{' '.join(command[1:])}` failed")
+    _say(f"made synthetic data in {root} in {time.perf_counter() - start:.1f}s")
 
 
 def plan(cfg: DictConfig, argv: List[str]) -> List[PlannedStage]:

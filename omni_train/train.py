@@ -63,7 +63,7 @@ def run(cfg: DictConfig) -> None:
     _quiet_libraries()
     train_cfg: TrainConfig = OmegaConf.to_object(cfg)
     if train_cfg.dry_run:
-        from omni_train.models.dry_run import print_dry_run
+        from omni_train.planning.dry_run import print_dry_run
 
         if not print_dry_run(train_cfg, dry_run_world_size(train_cfg)):
             print(f"omni-train: dry run: the per-rank memory estimate exceeds dry_run_gpu_memory_gb="

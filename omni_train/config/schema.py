@@ -47,10 +47,10 @@ class VisionTowerConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Sizes of the Thinker's MoE language model (Qwen3-MoE architecture)."""
+class ThinkerConfig:
+    """Sizes of the Thinker: its MoE language model (Qwen3-MoE architecture) and, with ``towers``, its
+    audio and vision encoders."""
 
-    flavor: str = MISSING
     vocab_size: int = MISSING
     hidden_size: int = MISSING
     num_layers: int = MISSING
@@ -85,6 +85,24 @@ class ModelConfig:
     compile_towers: bool = True
     audio_tower: AudioTowerConfig = field(default_factory=AudioTowerConfig)
     vision_tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+
+
+@dataclass
+class TalkerConfig:
+    """The Talker's sizes. Reserved: the Talker model lands with its own issue; until then a config that
+    sets ``model.talker`` is refused before anything is built (config/validate.py)."""
+
+    enabled: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The networks of a flavor (conf/model/<flavor>.yaml): the Thinker always, the Talker where a stage
+    trains or conditions on it. Each section is handed to its own provider (omni_train/models/<name>/)."""
+
+    flavor: str = MISSING
+    thinker: ThinkerConfig = MISSING
+    talker: Optional[TalkerConfig] = None
 
 
 @dataclass

@@ -20,8 +20,8 @@ CHOICES = {
     "trainer.nonfinite": ("stop", "skip"),
     "logger.name": ("none", "wandb"),
     "logger.mode": ("offline", "online", "disabled"),
-    "model.load_balancing": ("aux_loss", "expert_bias"),
-    "model.experts_impl": ("grouped", "sequential"),
+    "model.thinker.load_balancing": ("aux_loss", "expert_bias"),
+    "model.thinker.experts_impl": ("grouped", "sequential"),
     "data.name": ("synthetic_text", "shards"),
     "data.weight_by": ("samples", "tokens"),
     "data.overlong": ("split", "drop"),
@@ -31,8 +31,8 @@ POSITIVE = (
     "parallel.tp", "parallel.pp", "parallel.ep", "parallel.cp",
     "trainer.max_steps", "trainer.log_every", "trainer.global_batch_size", "trainer.micro_batch_size",
     "trainer.seq_length", "checkpoint.save_every", "checkpoint.keep_last", "parallel.collective_timeout_s",
-    "model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.num_query_groups",
-    "model.head_dim", "model.num_experts", "model.router_topk", "model.vocab_size",
+    "model.thinker.num_layers", "model.thinker.hidden_size", "model.thinker.num_attention_heads", "model.thinker.num_query_groups",
+    "model.thinker.head_dim", "model.thinker.num_experts", "model.thinker.router_topk", "model.thinker.vocab_size",
 )
 
 
@@ -52,13 +52,15 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
-    model = cfg.model
-    _require(model.router_topk <= model.num_experts, "model.router_topk",
-             f"{model.router_topk} exceeds model.num_experts={model.num_experts}")
-    _require(model.num_attention_heads % model.num_query_groups == 0, "model.num_query_groups",
-             f"{model.num_query_groups} does not divide model.num_attention_heads={model.num_attention_heads}")
-    _require(sum(model.mrope_section) * 2 == model.head_dim, "model.mrope_section",
-             f"sections {list(model.mrope_section)} must sum to model.head_dim/2={model.head_dim // 2}")
+    model = cfg.model.thinker
+    _require(cfg.model.talker is None, "model.talker",
+             "no stage builds the Talker yet (its model and stages come with their own issues)")
+    _require(model.router_topk <= model.num_experts, "model.thinker.router_topk",
+             f"{model.router_topk} exceeds model.thinker.num_experts={model.num_experts}")
+    _require(model.num_attention_heads % model.num_query_groups == 0, "model.thinker.num_query_groups",
+             f"{model.num_query_groups} does not divide model.thinker.num_attention_heads={model.num_attention_heads}")
+    _require(sum(model.mrope_section) * 2 == model.head_dim, "model.thinker.mrope_section",
+             f"sections {list(model.mrope_section)} must sum to model.thinker.head_dim/2={model.head_dim // 2}")
     _require(0 <= cfg.optim.warmup_steps < cfg.trainer.max_steps, "optim.warmup_steps",
              f"{cfg.optim.warmup_steps} must be >= 0 and < trainer.max_steps={cfg.trainer.max_steps}")
     _require(0 <= cfg.optim.min_lr <= cfg.optim.lr, "optim.min_lr",
@@ -109,32 +111,32 @@ def _check_shards(cfg: DictConfig) -> None:
 
 def _check_towers(cfg: DictConfig) -> None:
     """The towers are replicated on every rank and merged on the full sequence: no model parallelism."""
-    if not cfg.model.towers:
+    if not cfg.model.thinker.towers:
         return
     par = cfg.parallel
     for name in ("tp", "pp", "cp"):
         _require(par[name] == 1, f"parallel.{name}",
-                 f"model.towers=true needs {name}=1 (towers are replicated, not sharded), got {par[name]}")
+                 f"model.thinker.towers=true needs {name}=1 (towers are replicated, not sharded), got {par[name]}")
     _require(not par.sequence_parallel, "parallel.sequence_parallel",
-             "model.towers=true does not support sequence parallelism")
-    audio, vision = cfg.model.audio_tower, cfg.model.vision_tower
-    _require(audio.n_window == 50, "model.audio_tower.n_window",
+             "model.thinker.towers=true does not support sequence parallelism")
+    audio, vision = cfg.model.thinker.audio_tower, cfg.model.thinker.vision_tower
+    _require(audio.n_window == 50, "model.thinker.audio_tower.n_window",
              f"must be 50 (the data's audio placeholder count assumes it), got {audio.n_window}")
-    _require(audio.num_mel_bins == 128, "model.audio_tower.num_mel_bins",
+    _require(audio.num_mel_bins == 128, "model.thinker.audio_tower.num_mel_bins",
              f"must be 128 (the data's log-mel bins), got {audio.num_mel_bins}")
     for key, want in (("patch_size", 16), ("spatial_merge_size", 2), ("temporal_patch_size", 2)):
-        _require(vision[key] == want, f"model.vision_tower.{key}",
+        _require(vision[key] == want, f"model.thinker.vision_tower.{key}",
                  f"must be {want} (the data's patching), got {vision[key]}")
     levels = len(vision.deepstack_visual_indexes)
-    _require(levels <= cfg.model.num_layers, "model.vision_tower.deepstack_visual_indexes",
-             f"{levels} DeepStack levels but model.num_layers={cfg.model.num_layers}")
+    _require(levels <= cfg.model.thinker.num_layers, "model.thinker.vision_tower.deepstack_visual_indexes",
+             f"{levels} DeepStack levels but model.thinker.num_layers={cfg.model.thinker.num_layers}")
     _require(all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes),
-             "model.vision_tower.deepstack_visual_indexes",
+             "model.thinker.vision_tower.deepstack_visual_indexes",
              f"{list(vision.deepstack_visual_indexes)} must index blocks 0..depth-1 (depth={vision.depth})")
 
 
 def _check_layout(cfg: DictConfig, world_size: int) -> None:
-    par, model, trainer = cfg.parallel, cfg.model, cfg.trainer
+    par, model, trainer = cfg.parallel, cfg.model.thinker, cfg.trainer
     model_parallel = par.tp * par.pp * par.cp
     for name in ("tp", "pp", "cp", "ep"):
         size = par[name]
@@ -145,13 +147,13 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
     _require(world_size % (par.tp * par.pp * par.ep) == 0, "parallel.ep",
              f"world size {world_size} is not divisible by tp*pp*ep={par.tp}*{par.pp}*{par.ep}")
     _require(model.num_experts % par.ep == 0, "parallel.ep",
-             f"model.num_experts={model.num_experts} is not divisible by ep={par.ep}")
+             f"model.thinker.num_experts={model.num_experts} is not divisible by ep={par.ep}")
     _require(model.num_attention_heads % par.tp == 0, "parallel.tp",
-             f"model.num_attention_heads={model.num_attention_heads} is not divisible by tp={par.tp}")
+             f"model.thinker.num_attention_heads={model.num_attention_heads} is not divisible by tp={par.tp}")
     _require(model.num_query_groups % par.tp == 0, "parallel.tp",
-             f"model.num_query_groups={model.num_query_groups} is not divisible by tp={par.tp}")
+             f"model.thinker.num_query_groups={model.num_query_groups} is not divisible by tp={par.tp}")
     _require(model.num_layers % par.pp == 0, "parallel.pp",
-             f"model.num_layers={model.num_layers} is not divisible by pp={par.pp}")
+             f"model.thinker.num_layers={model.num_layers} is not divisible by pp={par.pp}")
     _require(not par.sequence_parallel or par.tp > 1, "parallel.sequence_parallel", "needs tp > 1")
     _require(par.tp == 1 or par.sequence_parallel, "parallel.sequence_parallel",
              "MoE layers with tp > 1 need sequence_parallel=true (megatron-core requires it)")

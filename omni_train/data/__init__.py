@@ -9,7 +9,7 @@ def build_source(cfg, env):
     if cfg.data.name == "synthetic_text":
         from omni_train.data.synthetic_text import SyntheticTextSource, SyntheticTextStream
 
-        stream = SyntheticTextStream(cfg.data, cfg.model.vocab_size, trainer.seq_length)
+        stream = SyntheticTextStream(cfg.data, cfg.model.thinker.vocab_size, trainer.seq_length)
         return SyntheticTextSource(stream, trainer.global_batch_size, trainer.micro_batch_size,
                                    env.dp_rank, env.dp_size)
     if cfg.data.name == "shards":

@@ -33,7 +33,7 @@ from omni_train.data.decode import DecodedVideo
 from omni_train.data.errors import SampleError
 from omni_train.data.features import (AudioFeatureConfig, VisionFeatureConfig, audio_features,
                                       audio_in_video_layout, image_patches, video_patches)
-from omni_train.models.rope_index import tm_rope_position_ids
+from omni_train.models.thinker.rope_index import tm_rope_position_ids
 
 SPECIAL_TOKENS = {
     "pad": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",

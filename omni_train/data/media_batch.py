@@ -61,9 +61,3 @@ def collate_media(media_items: Sequence[Any]) -> Dict[str, Optional[torch.Tensor
     if videos:
         out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(videos), _grids(video_grids)
     return out
-
-
-def media_to(inputs: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    """The tower inputs (or a tower's plan, models.tower_plan) on the model's device: tensors copied, None
-    and numbers as they are (the loop moves only top-level batch tensors)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}

@@ -38,8 +38,8 @@ from omni_train.checkpoint.manager import MARKER, latest_checkpoint
 from omni_train.config.schema import ParallelConfig
 from omni_train.export.from_run import NO_TALKER_NOTE, read_run, write_hf_files
 from omni_train.export.hf_io import HFReader, ShardedWriter
-from omni_train.models.thinker_lm import build_thinker_lm
-from omni_train.models.thinker_lm_bridge import (
+from omni_train.models.thinker.lm import build_thinker_lm
+from omni_train.models.thinker.bridge import (
     expand_table, hf_shapes, model_config_from_hf, rename_hf, tp_slice, to_hf, to_megatron,
 )
 

@@ -12,7 +12,7 @@ Such a checkpoint has no HF config.json to copy, so export builds one from the r
   template when it has none, so ``AutoTokenizer.from_pretrained(out).apply_chat_template`` gives the
   layout the model was trained on.
 
-A text-only run (``model.towers=false``) is refused: the Qwen3-Omni layout needs both towers.
+A text-only run (``model.thinker.towers=false``) is refused: the Qwen3-Omni layout needs both towers.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig, Qwen3OmniMoeConfig
 
-from omni_train.config.schema import ModelConfig
+from omni_train.config.schema import ThinkerConfig
 from omni_train.data.chat import ChatEncoder
-from omni_train.models.thinker_lm_bridge import hf_text_config
-from omni_train.stages.multimodal_pretrain import hf_thinker_config
+from omni_train.models.thinker.bridge import hf_text_config
+from omni_train.models.thinker.hf_config import hf_thinker_config
 
 RUN_CONFIG = "config.yaml"
 ARCHITECTURE = "Qwen3OmniMoeForConditionalGeneration"
@@ -44,7 +44,7 @@ NO_TALKER_NOTE = ("no talker / code2wav exported (enable_audio_output=false): th
 class RunSource:
     """What export needs from a run directory: the LM sizes, the HF config, the tokenizer."""
 
-    model: ModelConfig
+    model: ThinkerConfig
     hf_config: Qwen3OmniMoeConfig
     encoder: ChatEncoder  # the data's tokenizer and its special token ids
 
@@ -63,9 +63,12 @@ def read_run(ckpt: Path) -> RunSource:
     loaded = OmegaConf.load(path)
     if "model" not in loaded:
         raise ValueError(f"{path}: no 'model' section")
-    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded.model))
+    # runs written before the model config held sections keep the Thinker's sizes at its top level
+    sizes = loaded.model.thinker if "thinker" in loaded.model else loaded.model
+    sizes = {k: v for k, v in OmegaConf.to_container(sizes).items() if k != "flavor"}
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ThinkerConfig), sizes))
     if not model.towers:
-        raise ValueError(f"{path}: model.towers=false: a text-only Thinker LM has no audio / vision towers, "
+        raise ValueError(f"{path}: model.thinker.towers=false: a text-only Thinker LM has no audio / vision towers, "
                          f"which {ARCHITECTURE} needs; export a run with towers (e.g. model=tiny_omni)")
     tokenizer_dir = OmegaConf.select(loaded, "data.tokenizer")
     if not tokenizer_dir:
@@ -77,7 +80,7 @@ def read_run(ckpt: Path) -> RunSource:
     encoder = ChatEncoder.from_pretrained(tokenizer_dir)
     if len(encoder.tokenizer) > model.vocab_size:
         raise ValueError(f"{path}: the tokenizer at {tokenizer_dir} has {len(encoder.tokenizer)} tokens, more "
-                         f"than model.vocab_size={model.vocab_size}")
+                         f"than model.thinker.vocab_size={model.vocab_size}")
     return RunSource(model, hf_omni_config(model, encoder), encoder)
 
 
@@ -86,7 +89,7 @@ def _single_token(tokenizer, word: str):
     return ids[0] if len(ids) == 1 else None
 
 
-def hf_omni_config(model: ModelConfig, encoder: ChatEncoder) -> Qwen3OmniMoeConfig:
+def hf_omni_config(model: ThinkerConfig, encoder: ChatEncoder) -> Qwen3OmniMoeConfig:
     """Qwen3OmniMoeConfig of the Thinker alone: sizes from ``model``, token ids from the encoder's tokenizer."""
     ids = encoder.ids
     pps = encoder.position_id_per_seconds

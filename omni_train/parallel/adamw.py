@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from omni_train.models.compiled import fused
+from omni_train.kernels.compiled import fused
 
 
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

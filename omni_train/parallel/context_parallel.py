@@ -9,7 +9,7 @@ What is split, what is not:
     input_ids, labels, loss_mask  [B, S]     -> [B, S / cp_size]  (this rank's two chunks)
     position_ids                  [3, B, S]  -> unchanged (FULL sequence): the rotary module computes
                                                angles for all S positions and keeps this rank's
-                                               chunks itself (``models/rotary.py``), as megatron's
+                                               chunks itself (``models/common/rotary.py``), as megatron's
                                                GPTModel expects of ``rotary_pos_emb``.
 The per-token loss the model returns is then [B, S / cp_size]; summing it (and the loss mask) over
 CP ranks gives the full-sequence sums, and parameter gradients are summed over the data-parallel x

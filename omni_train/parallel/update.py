@@ -29,7 +29,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel.utils import get_pp_last_rank
 
-from omni_train.models.compiled import fused
+from omni_train.kernels.compiled import fused
 from omni_train.parallel import adamw
 from omni_train.parallel.adamw import CompiledAdamW
 from omni_train.parallel.wrap import torch_optimizers

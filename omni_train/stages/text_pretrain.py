@@ -5,18 +5,18 @@ from __future__ import annotations
 from functools import partial
 
 from omni_train.data import build_source
-from omni_train.models.attention import document_attention
+from omni_train.models.common.attention import document_attention
 from omni_train.losses.lm import masked_token_loss
-from omni_train.models.init import init_layout_independent
-from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.models.common.init import init_layout_independent
+from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.stages import Stage
 
 
 def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
-    model = build_thinker_lm(cfg.model, cfg.parallel, device=env.device, params_dtype=params_dtype,
+    model = build_thinker_lm(cfg.model.thinker, cfg.parallel, device=env.device, params_dtype=params_dtype,
                              pre_process=pre_process, post_process=post_process,
                              recompute=cfg.trainer.recompute)
-    init_layout_independent(model, cfg.model.init_std, cfg.model.num_layers, cfg.trainer.seed)
+    init_layout_independent(model, cfg.model.thinker.init_std, cfg.model.thinker.num_layers, cfg.trainer.seed)
     return model
 
 

@@ -14,8 +14,8 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 )
 
 from omni_train.config import CONF_DIR, compose, validate_config
-from omni_train.models.dry_run import print_dry_run
-from omni_train.models.param_inventory import audio_tower_shapes, vision_tower_shapes
+from omni_train.planning.dry_run import print_dry_run
+from omni_train.planning.param_inventory import audio_tower_shapes, vision_tower_shapes
 from tests.cli import omni_train
 
 RECIPES = ["audio_align", "vision_align", "general_pretrain", "long_context"]
@@ -54,7 +54,7 @@ def _compose(recipe, *overrides):
 
 
 def test_tower_tables_are_transformers_modules(reference):
-    model = OmegaConf.to_object(_compose("general_pretrain")).model
+    model = OmegaConf.to_object(_compose("general_pretrain")).model.thinker
     assert dict(audio_tower_shapes(model.audio_tower, model.hidden_size)) == reference["towers"]["audio_tower"]
     assert dict(vision_tower_shapes(model.vision_tower, model.hidden_size)) == reference["towers"]["visual"]
 
@@ -66,7 +66,7 @@ def test_recipe_is_a_full_scale_multimodal_layout(recipe):
     lines = (CONF_DIR / "recipe" / "qwen3_omni_30b_a3b" / f"{recipe}.yaml").read_text().splitlines()
     assert lines[0] == "# @package _global_"
     assert lines[1].startswith(f"# omni-train recipe=qwen3_omni_30b_a3b/{recipe} launcher=slurm")
-    assert cfg.model.flavor == "qwen3_omni_30b_a3b" and cfg.model.towers
+    assert cfg.model.flavor == "qwen3_omni_30b_a3b" and cfg.model.thinker.towers
     par = cfg.parallel
     assert (par.tp, par.pp, par.cp, par.ep) == (1, 1, 1, 8) and par.distributed_optimizer
     assert cfg.dry_run_world_size % 8 == 0  # whole 8-GPU nodes; ep stays within one
@@ -110,7 +110,7 @@ def test_s1_holds_no_gradient_or_optimizer_state_for_the_frozen_llm(capsys):
 def test_too_few_gpus_fail_the_dry_run(monkeypatch, capsys):
     """General pretraining on one 8-GPU node: expert optimizer state is not sharded enough for 80 GB."""
     from omni_train import train
-    from omni_train.models import dry_run
+    from omni_train.planning import dry_run
 
     monkeypatch.setattr(dry_run, "build_on_meta", lambda model: None)  # the meta build: the CLI test
     cfg = _compose("general_pretrain", "dry_run_world_size=8")

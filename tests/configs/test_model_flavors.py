@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
 
 from omni_train.config import compose
-from omni_train.models.thinker_lm import count_parameters
+from omni_train.models.thinker.lm import count_parameters
 
 # Sizes where transformers' Qwen3OmniMoeTextConfig defaults are those of the released 30B-A3B thinker.
 FROM_DEFAULTS = {
@@ -23,7 +23,7 @@ RELEASED = {"vocab_size": 152064, "num_layers": 48, "num_attention_heads": 32, "
 
 
 def test_qwen3_omni_30b_a3b_matches_transformers_config():
-    model = OmegaConf.to_object(compose(["model=qwen3_omni_30b_a3b"])).model
+    model = OmegaConf.to_object(compose(["model=qwen3_omni_30b_a3b"])).model.thinker
     reference = Qwen3OmniMoeTextConfig()
     for ours, theirs in FROM_DEFAULTS.items():
         assert getattr(model, ours) == getattr(reference, theirs), ours
@@ -37,7 +37,7 @@ def test_qwen3_omni_30b_a3b_matches_transformers_config():
 
 
 def test_parameter_counts():
-    total, active = count_parameters(OmegaConf.to_object(compose(["model=qwen3_omni_30b_a3b"])).model)
+    total, active = count_parameters(OmegaConf.to_object(compose(["model=qwen3_omni_30b_a3b"])).model.thinker)
     assert 30.0e9 < total < 31.0e9 and 3.0e9 < active < 3.6e9  # "30B-A3B"
-    tiny_total, _ = count_parameters(OmegaConf.to_object(compose([])).model)
+    tiny_total, _ = count_parameters(OmegaConf.to_object(compose([])).model.thinker)
     assert 1e6 < tiny_total < 1e7  # "a few million"

@@ -12,7 +12,7 @@ from omni_train.data.chat import ChatEncoder, build_test_tokenizer
 from omni_train.data.decode import DecodedVideo
 from omni_train.data.features import AudioFeatureConfig, VisionFeatureConfig
 from omni_train.data.packing import Document, SequencePacker
-from omni_train.models.rope_index import rope_deltas, tm_rope_position_ids
+from omni_train.models.thinker.rope_index import rope_deltas, tm_rope_position_ids
 
 PPS = 13  # position_id_per_seconds of the released Qwen3-Omni
 # small video pixel bounds keep the grids (and the test) small; the position rules do not depend on them

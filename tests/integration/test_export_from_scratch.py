@@ -19,13 +19,13 @@ from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
 from cli import REPO, _env, omni_train
 from omni_train.checkpoint.manager import MARKER, latest_checkpoint, load_model_weights
-from omni_train.config.schema import ModelConfig, ParallelConfig
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.data.chat import ChatEncoder
 from omni_train.export.convert import export_hf, main
 from omni_train.export.generate import encode_prompt, generate_ids, generate_text, load_export
 from omni_train.export.hf_io import HFReader
-from omni_train.models.thinker import build_omni_thinker
-from omni_train.stages.multimodal_pretrain import hf_thinker_config
+from omni_train.models.thinker.omni import build_omni_thinker
+from omni_train.models.thinker.hf_config import hf_thinker_config
 from tests.integration.test_multimodal_stage import _overrides, synth  # noqa: F401  (fixture)
 
 PROMPT = "What do you hear and see?"
@@ -61,7 +61,7 @@ def media(tmp_path_factory):
 def our_thinker(run_dir, encoder):
     """Our OmniThinker as the stage builds it, with the run's final checkpoint loaded."""
     loaded = OmegaConf.load(run_dir / "config.yaml").model
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded))
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ThinkerConfig), loaded))
     model = build_omni_thinker(hf_thinker_config(model_cfg, encoder.ids), model_cfg, ParallelConfig(),
                                device="cpu", params_dtype=torch.float32)
     load_model_weights(latest_checkpoint(run_dir / "checkpoints"), model)
@@ -189,22 +189,22 @@ def _fake_run(tmp_path, trained, edit):
 
 
 @pytest.mark.parametrize("case, match", [
-    ("text_only", r"model.towers=false: a text-only Thinker LM has no audio / vision towers"),
+    ("text_only", r"model.thinker.towers=false: a text-only Thinker LM has no audio / vision towers"),
     ("no_tokenizer", r"data.tokenizer is not set"),
     ("missing_tokenizer", r"data.tokenizer=/nonexistent/tok is not a directory"),
     ("no_run_config", r"no HF provenance in its marker and no run config at .*config.yaml"),
-    ("expert_bias", r"model.load_balancing='expert_bias' has no Hugging Face equivalent"),
+    ("expert_bias", r"model.thinker.load_balancing='expert_bias' has no Hugging Face equivalent"),
 ])
 def test_export_errors_name_what_is_missing(trained, tmp_path, case, match):
     def edit(config):
         if case == "text_only":
-            config.model.towers = False
+            config.model.thinker.towers = False
         if case == "no_tokenizer":
             config.data.tokenizer = None
         if case == "missing_tokenizer":
             config.data.tokenizer = "/nonexistent/tok"
         if case == "expert_bias":
-            config.model.load_balancing = "expert_bias"
+            config.model.thinker.load_balancing = "expert_bias"
         return case != "no_run_config"
 
     ckpt_root = _fake_run(tmp_path, trained, edit)
@@ -214,8 +214,8 @@ def test_export_errors_name_what_is_missing(trained, tmp_path, case, match):
 
 
 def test_cli_errors_are_one_line(trained, tmp_path):
-    ckpt_root = _fake_run(tmp_path, trained, lambda config: setattr(config.model, "towers", False))
-    with pytest.raises(SystemExit, match=r"^omni-convert export: .*model.towers=false: [^\n]*$"):
+    ckpt_root = _fake_run(tmp_path, trained, lambda config: setattr(config.model.thinker, "towers", False))
+    with pytest.raises(SystemExit, match=r"^omni-convert export: .*model.thinker.towers=false: [^\n]*$"):
         main(["export", str(ckpt_root), str(tmp_path / "out")])
     with pytest.raises(SystemExit, match=r"^omni-convert generate: .*: no config.json"):
         main(["generate", str(tmp_path), "--prompt", PROMPT])

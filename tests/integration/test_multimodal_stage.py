@@ -209,8 +209,8 @@ def test_collate_media_order_and_padding():
     (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.tp"),
     (["parallel.pp=2"], "parallel.pp"),
     (["parallel.cp=2"], "parallel.cp"),
-    (["model.vision_tower.patch_size=14"], "model.vision_tower.patch_size"),
-    (["model.vision_tower.deepstack_visual_indexes=[0,5]"], "model.vision_tower.deepstack_visual_indexes"),
+    (["model.thinker.vision_tower.patch_size=14"], "model.thinker.vision_tower.patch_size"),
+    (["model.thinker.vision_tower.deepstack_visual_indexes=[0,5]"], "model.thinker.vision_tower.deepstack_visual_indexes"),
 ])
 def test_tower_layouts_that_cannot_run_are_refused(overrides, key):
     cfg = compose(["model=tiny_omni", "stage=multimodal_pretrain", *overrides])
@@ -225,9 +225,9 @@ def test_released_tower_sizes_are_transformers_defaults():
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import (
         Qwen3OmniMoeAudioEncoderConfig, Qwen3OmniMoeVisionEncoderConfig)
 
-    from omni_train.stages.multimodal_pretrain import hf_thinker_config
+    from omni_train.models.thinker.hf_config import hf_thinker_config
 
-    model = OmegaConf.to_object(compose(["model=qwen3_omni_30b_a3b"])).model
+    model = OmegaConf.to_object(compose(["model=qwen3_omni_30b_a3b"])).model.thinker
     ours = hf_thinker_config(model, dict.fromkeys(
         ("audio_pad", "image_pad", "video_pad", "vision_start", "audio_start"), 0))
     for config, reference, width in ((ours["audio_config"], Qwen3OmniMoeAudioEncoderConfig(), "output_dim"),

@@ -15,9 +15,9 @@ from omni_train.export.hf_io import HFReader
 from tests.parity.test_convert import assert_export_gives_our_logits, tiny_omni_model
 
 # conf/model overrides giving the tiny HF thinker's text sizes (tests/parity/test_convert.py)
-MODEL = ["model.vocab_size=128", "model.hidden_size=32", "model.num_layers=2", "model.num_attention_heads=4",
-         "model.num_query_groups=2", "model.head_dim=16", "model.moe_ffn_hidden_size=24", "model.num_experts=4",
-         "model.router_topk=2", "model.mrope_section=[4,2,2]", "model.rope_theta=10000.0"]
+MODEL = ["model.thinker.vocab_size=128", "model.thinker.hidden_size=32", "model.thinker.num_layers=2", "model.thinker.num_attention_heads=4",
+         "model.thinker.num_query_groups=2", "model.thinker.head_dim=16", "model.thinker.moe_ffn_hidden_size=24", "model.thinker.num_experts=4",
+         "model.thinker.router_topk=2", "model.thinker.mrope_section=[4,2,2]", "model.thinker.rope_theta=10000.0"]
 
 
 def convert(*args):

@@ -18,8 +18,8 @@ from omni_train.checkpoint.manager import load_model_weights
 from omni_train.config.schema import ParallelConfig
 from omni_train.export.convert import export_hf, import_hf, main
 from omni_train.export.hf_io import HFReader
-from omni_train.models.thinker_lm import build_thinker_lm
-from omni_train.models.thinker_lm_bridge import model_config_from_hf
+from omni_train.models.thinker.lm import build_thinker_lm
+from omni_train.models.thinker.bridge import model_config_from_hf
 from tests.conftest import free_port
 
 H = 32  # thinker hidden size

@@ -14,8 +14,8 @@ from transformers import Qwen3OmniMoeForConditionalGeneration
 from omni_train.checkpoint.manager import load_model_weights
 from omni_train.config.schema import ParallelConfig
 from omni_train.export.convert import main
-from omni_train.models.thinker_lm import build_thinker_lm
-from omni_train.models.thinker_lm_bridge import model_config_from_hf
+from omni_train.models.thinker.lm import build_thinker_lm
+from omni_train.models.thinker.bridge import model_config_from_hf
 from omni_train.parallel.setup import init_parallel, shutdown_parallel
 from tests.conftest import free_port
 from tests.parity.test_convert import assert_identical, hf_dir  # noqa: F401  (fixture)

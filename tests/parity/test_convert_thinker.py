@@ -11,8 +11,8 @@ from omni_train.checkpoint.manager import MARKER, load_model_weights
 from omni_train.config.schema import ParallelConfig
 from omni_train.export.convert import export_hf, import_hf
 from omni_train.export.hf_io import HFReader
-from omni_train.models.thinker import build_omni_thinker
-from omni_train.models.thinker_lm_bridge import model_config_from_hf
+from omni_train.models.thinker.omni import build_omni_thinker
+from omni_train.models.thinker.bridge import model_config_from_hf
 from tests.parity.test_convert import hf_dir  # noqa: F401  (fixture)
 
 TOWER_WEIGHT = "thinker.visual.blocks.0.mlp.linear_fc1.weight"

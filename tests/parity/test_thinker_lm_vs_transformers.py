@@ -13,18 +13,18 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeThinkerForConditionalGeneration,
 )
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.thinker_lm import build_thinker_lm
-from omni_train.models.thinker_lm_bridge import hf_to_megatron, megatron_to_hf
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.thinker.lm import build_thinker_lm
+from omni_train.models.thinker.bridge import hf_to_megatron, megatron_to_hf
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2], rope_theta=10000.0, rms_norm_eps=1e-6,
 )
 
 
-def tiny_hf_thinker_config(m: ModelConfig) -> Qwen3OmniMoeThinkerConfig:
+def tiny_hf_thinker_config(m: ThinkerConfig) -> Qwen3OmniMoeThinkerConfig:
     text = dict(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,

@@ -15,12 +15,12 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     _get_feat_extract_output_lengths,
 )
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.thinker import build_omni_thinker
-from omni_train.models.thinker_lm_bridge import hf_to_megatron
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.thinker.omni import build_omni_thinker
+from omni_train.models.thinker.bridge import hf_to_megatron
 
-LM = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=3, num_attention_heads=4,
+LM = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=3, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2], rope_theta=10000.0, rms_norm_eps=1e-6,
 )
@@ -31,14 +31,14 @@ MAX_ABS_DIFF = 1e-4
 
 
 # A second toy shape: GQA 8/2 with head dim 8, 6 experts top-3, DeepStack into layer 0 only.
-LM_B = ModelConfig(
-    flavor="tiny_b", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=8,
+LM_B = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=8,
     num_query_groups=2, head_dim=8, num_experts=6, router_topk=3, moe_ffn_hidden_size=16,
     mrope_section=[2, 1, 1], rope_theta=1000000.0, rms_norm_eps=1e-6,
 )
 
 
-def tiny_hf_thinker_config(m: ModelConfig, deepstack=(0, 1)) -> Qwen3OmniMoeThinkerConfig:
+def tiny_hf_thinker_config(m: ThinkerConfig, deepstack=(0, 1)) -> Qwen3OmniMoeThinkerConfig:
     text = dict(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,

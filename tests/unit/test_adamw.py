@@ -4,7 +4,7 @@ grad_scale / found_inf semantics; and its kernel compiled (inductor's CPU backen
 import pytest
 import torch
 
-from omni_train.models.compiled import compiled
+from omni_train.kernels.compiled import compiled
 from omni_train.parallel import adamw
 from omni_train.parallel.adamw import CompiledAdamW, adamw_update
 

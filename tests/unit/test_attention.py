@@ -8,7 +8,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
-from omni_train.models.attention import SDPAttention
+from omni_train.models.common.attention import SDPAttention
 from omni_train.parallel.context_parallel import split_for_context_parallel, zigzag_chunks
 
 HEADS, GROUPS, HEAD_DIM = 4, 2, 16
@@ -89,7 +89,7 @@ def test_packed_documents_equal_the_document_mask(megatron_world1):
     """Packed rows given as document boundaries (PackedSeqParams, as data.packing's cu_seqlens): the same
     outputs and gradients as the document mask of the same rows (on CPU the boundaries become that mask;
     on CUDA they drive varlen flash attention, checked on the GPU: benchmarks/RESULTS.md)."""
-    from omni_train.models.attention import document_attention, document_attention_mask, segment_attention_mask
+    from omni_train.models.common.attention import document_attention, document_attention_mask, segment_attention_mask
 
     document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1], [0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
     cu = torch.tensor([0, 3, 7, 9, 10, 15, 18, 20], dtype=torch.int32)
@@ -114,7 +114,7 @@ def test_packed_documents_equal_the_document_mask(megatron_world1):
 def test_document_mask_matches_megatron(megatron_world1, groups):
     """Packed sequences: the block-diagonal causal mask of omni_train.data.shards, same as megatron's
     DotProductAttention given that mask; and a document never sees another document."""
-    from omni_train.models.attention import document_attention_mask
+    from omni_train.models.common.attention import document_attention_mask
 
     document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1], [0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
     mask = document_attention_mask(document_ids)

@@ -72,9 +72,9 @@ def tiny_omni_towers():
         Qwen3OmniMoeAudioEncoder, Qwen3OmniMoeVisionEncoder)
 
     from omni_train.config import compose
-    from omni_train.stages.multimodal_pretrain import hf_thinker_config
+    from omni_train.models.thinker.hf_config import hf_thinker_config
 
-    model = OmegaConf.to_object(compose(["model=tiny_omni", f"model.hidden_size={H}"])).model
+    model = OmegaConf.to_object(compose(["model=tiny_omni", f"model.thinker.hidden_size={H}"])).model.thinker
     ids = dict(audio_pad=1, image_pad=2, video_pad=3, vision_start=4, audio_start=5)
     hf = Qwen3OmniMoeThinkerConfig(**hf_thinker_config(model, ids))
     return model, Qwen3OmniMoeAudioEncoder(hf.audio_config), Qwen3OmniMoeVisionEncoder(hf.vision_config)

@@ -6,19 +6,19 @@ from omegaconf import OmegaConf
 from omni_train.checkpoint.manager import CheckpointManager, TrainState, latest_checkpoint
 from omni_train.config import compose
 from omni_train.data.synthetic_text import SyntheticTextSource, SyntheticTextStream
-from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.parallel.wrap import build_optimizer, build_scheduler, wrap_data_parallel
 
 
 def _build(cfg):
-    model = wrap_data_parallel(build_thinker_lm(cfg.model, cfg.parallel, device="cpu",
+    model = wrap_data_parallel(build_thinker_lm(cfg.model.thinker, cfg.parallel, device="cpu",
                                                 params_dtype=torch.float32), cfg.parallel, on_gpu=False)
     optimizer = build_optimizer(cfg.optim, model, cfg.parallel, bf16=False, on_gpu=False)
     return model, optimizer, build_scheduler(cfg.optim, cfg.trainer, optimizer)
 
 
 def _source(cfg):
-    stream = SyntheticTextStream(cfg.data, cfg.model.vocab_size, cfg.trainer.seq_length)
+    stream = SyntheticTextStream(cfg.data, cfg.model.thinker.vocab_size, cfg.trainer.seq_length)
     return SyntheticTextSource(stream, global_batch=8, micro_batch=4, dp_rank=0, dp_size=1)
 
 

@@ -7,14 +7,14 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 from megatron.core.transformer import attention
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.compiled import compiled
-from omni_train.models.local_dispatch import sum_copies
-from omni_train.models.rotary import apply_rotary_pos_emb, rotate
-from omni_train.models.thinker_lm import RMSNorm, build_thinker_lm, rms_norm
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.kernels.compiled import compiled
+from omni_train.models.common.local_dispatch import sum_copies
+from omni_train.models.common.rotary import apply_rotary_pos_emb, rotate
+from omni_train.models.thinker.lm import RMSNorm, build_thinker_lm, rms_norm
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=1, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=1, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2],
 )

@@ -18,7 +18,7 @@ CASES = [
     (["parallel.tp=8", "parallel.sequence_parallel=true"], {"WORLD_SIZE": "8"}, "parallel.tp"),  # 4 heads
     (["parallel.tp=2"], {"WORLD_SIZE": "2"}, "parallel.sequence_parallel"),
     (["trainer.global_batch_size=6"], {"WORLD_SIZE": "1"}, "trainer.global_batch_size"),
-    (["model.mrope_section=[4,4,4]"], {}, "model.mrope_section"),
+    (["model.thinker.mrope_section=[4,4,4]"], {}, "model.thinker.mrope_section"),
     (["logger=nope"], {}, "logger"),
     (["trainer.stop_at_step=500"], {}, "trainer.stop_at_step"),
 ]

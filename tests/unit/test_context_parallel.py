@@ -8,7 +8,7 @@
 
 megatron (0.16.1, calculate_per_token_loss) scales each rank's MoE aux-loss gradient by its *local*
 token count, so at cp=N the aux-loss gradient summed over CP ranks would be 1/N of the cp=1 one;
-build_transformer_config compensates (models/thinker_lm.py: _aux_loss_coeff), and this test checks
+build_transformer_config compensates (models/thinker/lm.py: _aux_loss_coeff), and this test checks
 that the compensated model's gradients equal cp=1's.
 """
 
@@ -23,10 +23,10 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.attention import SDPAttention
-from omni_train.models.init import init_layout_independent
-from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.common.attention import SDPAttention
+from omni_train.models.common.init import init_layout_independent
+from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.parallel.context_parallel import slice_for_cp_rank, split_for_context_parallel
 from omni_train.parallel.cpu_shim import apply_cpu_shim
 from omni_train.parallel.without_te import apply_without_te
@@ -34,8 +34,8 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) test")
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2],
 )

@@ -18,15 +18,15 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.thinker_lm import build_thinker_lm, describe_shards
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.thinker.lm import build_thinker_lm, describe_shards
 from omni_train.parallel.cpu_shim import apply_cpu_shim
 from omni_train.parallel.without_te import apply_without_te
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only shim")
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2],
 )

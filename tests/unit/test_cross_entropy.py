@@ -1,11 +1,11 @@
-"""models.cross_entropy against torch's F.cross_entropy (value and gradient), eager and compiled."""
+"""models.common.cross_entropy against torch's F.cross_entropy (value and gradient), eager and compiled."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import omni_train.models.cross_entropy as ce
-from omni_train.models.compiled import compiled
+import omni_train.models.common.cross_entropy as ce
+from omni_train.kernels.compiled import compiled
 
 
 def _case(dtype, rows=37, vocab=301, seed=0):

@@ -8,13 +8,13 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.grouped_experts import GroupedExperts, grouped_linear, grouped_mm_supported
-from omni_train.models.local_dispatch import LocalTokenDispatcher
-from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.common.grouped_experts import GroupedExperts, grouped_linear, grouped_mm_supported
+from omni_train.models.common.local_dispatch import LocalTokenDispatcher
+from omni_train.models.thinker.lm import build_thinker_lm
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2],
 )
@@ -192,8 +192,8 @@ def test_weighted_glu_compiled_equals_eager(inductor_cpu):
     gradients equal its eager run."""
     import torch.nn.functional as F
 
-    from omni_train.models.compiled import compiled
-    from omni_train.models.grouped_experts import weighted_glu
+    from omni_train.kernels.compiled import compiled
+    from omni_train.models.common.grouped_experts import weighted_glu
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 16, generator=g, requires_grad=True)

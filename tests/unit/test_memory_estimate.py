@@ -1,16 +1,16 @@
 """The per-rank memory estimate against hand computations on a small config (every number below is
-worked out in the comments, from the rules in omni_train/models/memory_estimate.py)."""
+worked out in the comments, from the rules in omni_train/planning/memory_estimate.py)."""
 
 from omni_train.config.schema import (
     AudioTowerConfig,
-    ModelConfig,
+    ThinkerConfig,
     ParallelConfig,
     PhaseConfig,
     StageConfig,
     TrainerConfig,
     VisionTowerConfig,
 )
-from omni_train.models.memory_estimate import (
+from omni_train.planning.memory_estimate import (
     audio_tower_bytes_per_chunk,
     estimate_memory,
     format_estimate,
@@ -18,7 +18,7 @@ from omni_train.models.memory_estimate import (
 )
 
 # h=8, a=2 heads, g=1 group, d=4, E=4 experts top-2, F=6, V=32, 2 layers
-MODEL = ModelConfig(flavor="small", vocab_size=32, hidden_size=8, num_layers=2, num_attention_heads=2,
+MODEL = ThinkerConfig(vocab_size=32, hidden_size=8, num_layers=2, num_attention_heads=2,
                     num_query_groups=1, head_dim=4, num_experts=4, router_topk=2, moe_ffn_hidden_size=6,
                     mrope_section=[1, 1, 0])
 EVERYTHING = StageConfig(name="s", trainable=[".*"], frozen=[], phases=[])
@@ -126,7 +126,7 @@ def test_vision_tower_bytes_by_hand():
 
 
 def test_towers_worst_case_and_frozen_towers_keep_nothing():
-    model = ModelConfig(**{**MODEL.__dict__, "towers": True, "num_layers": 2,
+    model = ThinkerConfig(**{**MODEL.__dict__, "towers": True, "num_layers": 2,
                            "audio_tower": AudioTowerConfig(num_layers=2, d_model=4, num_heads=1, ffn_dim=8,
                                                            num_mel_bins=16, n_window=2,
                                                            downsample_hidden_size=3),

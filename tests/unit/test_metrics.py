@@ -1,11 +1,11 @@
 import pytest
 
-from omni_train.config import ModelConfig
+from omni_train.config import ThinkerConfig
 from omni_train.metrics import flops_per_token
 
 
 def _qwen3_moe_width(num_layers):
-    return ModelConfig(flavor="x", vocab_size=152064, hidden_size=2048, num_layers=num_layers,
+    return ThinkerConfig(vocab_size=152064, hidden_size=2048, num_layers=num_layers,
                        num_attention_heads=32, num_query_groups=4, head_dim=128, num_experts=128,
                        router_topk=8, moe_ffn_hidden_size=768)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omni_train.config import ConfigError, compose, validate_config
-from omni_train.config.schema import ModelConfig, ParallelConfig, PhaseConfig, StageConfig
+from omni_train.config.schema import ThinkerConfig, ParallelConfig, PhaseConfig, StageConfig
 from omni_train.data.packing import MODALITIES, Document, SequencePacker, document_modality
 from omni_train.losses.lm import masked_token_loss
 from omni_train.stages import apply_trainable, phase_at, phase_plan
@@ -71,9 +71,9 @@ def test_modality_losses_sum_to_the_total():
 
 
 def _layer_calls_and_grads(recompute: str):
-    from omni_train.models.thinker_lm import build_thinker_lm
+    from omni_train.models.thinker.lm import build_thinker_lm
 
-    cfg = ModelConfig(flavor="t", vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
+    cfg = ThinkerConfig(vocab_size=64, hidden_size=32, num_layers=2, num_attention_heads=4,
                       num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
                       mrope_section=[4, 2, 2])
     torch.manual_seed(0)

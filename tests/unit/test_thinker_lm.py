@@ -11,28 +11,28 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeThinkerTextRotaryEmbedding,
 )
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.rotary import InterleavedMRotaryEmbedding, interleaved_section_index
-from omni_train.models.thinker_lm import (
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.common.rotary import InterleavedMRotaryEmbedding, interleaved_section_index
+from omni_train.models.thinker.lm import (
     build_thinker_lm,
     build_transformer_config,
     count_parameters,
     describe_shards,
 )
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2],
 )
-QWEN3_OMNI_30B = ModelConfig(
-    flavor="qwen3_omni_30b_a3b", vocab_size=152064, hidden_size=2048, num_layers=48,
+QWEN3_OMNI_30B = ThinkerConfig(
+    vocab_size=152064, hidden_size=2048, num_layers=48,
     num_attention_heads=32, num_query_groups=4, head_dim=128, num_experts=128, router_topk=8,
     moe_ffn_hidden_size=768, mrope_section=[24, 20, 20],
 )
 
 
-def hf_text_config(m: ModelConfig) -> Qwen3OmniMoeTextConfig:
+def hf_text_config(m: ThinkerConfig) -> Qwen3OmniMoeTextConfig:
     return Qwen3OmniMoeTextConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
@@ -166,11 +166,11 @@ def test_describe_shards_layout():
 
 
 def test_chunked_loss_equals_megatrons_cross_entropy(megatron_world1, monkeypatch):
-    """The tp=1 loss (models.cross_entropy, eager over token chunks on CPU) against megatron's
+    """The tp=1 loss (models.common.cross_entropy, eager over token chunks on CPU) against megatron's
     vocab-parallel one, for the value and the gradient of the logits, with chunks smaller than the batch."""
     from megatron.core import tensor_parallel
 
-    import omni_train.models.cross_entropy as ce
+    import omni_train.models.common.cross_entropy as ce
 
     model = build_thinker_lm(TINY, ParallelConfig(), device="cpu", params_dtype=torch.float32)
     monkeypatch.setattr(ce, "_EAGER_CHUNK_BYTES", 16 * TINY.vocab_size * 5)  # 5 tokens per chunk

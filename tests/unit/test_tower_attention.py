@@ -1,6 +1,6 @@
-"""transformers' Qwen3-Omni towers as omni-train runs them: attention through models/tower_attention.py
+"""transformers' Qwen3-Omni towers as omni-train runs them: attention through models/common/tower_attention.py
 (one varlen call per layer on CUDA; here SDPA per window), the sizes-derived inputs precomputed on the host
-(models/tower_plan.py), and the thinker's sync-free scatter of tower outputs. Each against transformers'
+(models/thinker/tower_plan.py), and the thinker's sync-free scatter of tower outputs. Each against transformers'
 own SDPA path or torch's masked_scatter."""
 
 import copy
@@ -14,15 +14,16 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeVisionEncoder,
 )
 
-from omni_train.config.schema import ModelConfig
-from omni_train.models import tower_attention, tower_plan
-from omni_train.models.thinker import _build_tower, _scatter
+from omni_train.config.schema import ThinkerConfig
+from omni_train.models.common import tower_attention
+from omni_train.models.thinker import tower_plan
+from omni_train.models.thinker.omni import _build_tower, _scatter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
 from test_thinker_vs_transformers import PATCH, tiny_hf_thinker_config  # noqa: E402
 
-LM = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+LM = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2],
 )
@@ -136,9 +137,9 @@ def test_scatter_equals_masked_scatter_forward_and_backward():
 
 
 def test_compiled_tower_layers_equal_eager(inductor_cpu):
-    """model.compile_towers as CUDA runs it (each layer through torch.compile; here inductor's CPU
+    """model.thinker.compile_towers as CUDA runs it (each layer through torch.compile; here inductor's CPU
     backend): the audio tower's output and gradients equal the eager tower's."""
-    from omni_train.models.thinker import compile_layers
+    from omni_train.models.thinker.omni import compile_layers
 
     eager = _run("audio", _tower("audio", tower_attention.NAME), plan=True)
     tower = _tower("audio", tower_attention.NAME)

@@ -20,22 +20,22 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 )
 
 from omni_train.config import compose
-from omni_train.config.schema import AudioTowerConfig, ModelConfig, VisionTowerConfig
+from omni_train.config.schema import AudioTowerConfig, ThinkerConfig, VisionTowerConfig
 from omni_train.metrics import audio_tower_flops, vision_tower_flops
-from omni_train.stages.multimodal_pretrain import hf_thinker_config
+from omni_train.models.thinker.hf_config import hf_thinker_config
 
 IDS = dict(audio_pad=1, image_pad=2, video_pad=3, vision_start=4, audio_start=5)
 
 
-def tiny_omni() -> ModelConfig:
-    return OmegaConf.to_object(compose(["model=tiny_omni"])).model
+def tiny_omni() -> ThinkerConfig:
+    return OmegaConf.to_object(compose(["model=tiny_omni"])).model.thinker
 
 
-def other_shapes() -> ModelConfig:
+def other_shapes() -> ThinkerConfig:
     """Different widths, mel bins, window ratio (400 / 100: 4 chunks per attention window), patching,
     one DeepStack level, LM width 48."""
-    return ModelConfig(
-        flavor="other", vocab_size=64, hidden_size=48, num_layers=1, num_attention_heads=2, num_query_groups=1,
+    return ThinkerConfig(
+        vocab_size=64, hidden_size=48, num_layers=1, num_attention_heads=2, num_query_groups=1,
         head_dim=8, num_experts=2, router_topk=1, moe_ffn_hidden_size=8, towers=True,
         audio_tower=AudioTowerConfig(num_layers=3, d_model=24, num_heads=3, ffn_dim=40, num_mel_bins=80,
                                      n_window=50, n_window_infer=400, downsample_hidden_size=12),
@@ -44,7 +44,7 @@ def other_shapes() -> ModelConfig:
     )
 
 
-def towers(model: ModelConfig):
+def towers(model: ThinkerConfig):
     hf = Qwen3OmniMoeThinkerConfig(**hf_thinker_config(model, IDS))
     built = []
     pairs = ((Qwen3OmniMoeAudioEncoder, hf.audio_config), (Qwen3OmniMoeVisionEncoder, hf.vision_config))
@@ -100,12 +100,12 @@ def test_vision_tower_flops_match_counted(model):
         assert math.isclose(formula, training, rel_tol=0.01), (grid, formula, training)
 
 
-def released_widths() -> ModelConfig:
+def released_widths() -> ThinkerConfig:
     """The 30B-A3B towers' widths (conf/model/qwen3_omni_30b_a3b.yaml) at depth 1 (depth enters the
     formulas linearly), one DeepStack level."""
     return OmegaConf.to_object(compose([
-        "model=qwen3_omni_30b_a3b", "model.num_layers=1", "model.audio_tower.num_layers=1",
-        "model.vision_tower.depth=1", "model.vision_tower.deepstack_visual_indexes=[0]"])).model
+        "model=qwen3_omni_30b_a3b", "model.thinker.num_layers=1", "model.thinker.audio_tower.num_layers=1",
+        "model.thinker.vision_tower.depth=1", "model.thinker.vision_tower.deepstack_visual_indexes=[0]"])).model.thinker
 
 
 def test_released_widths_match_counted():

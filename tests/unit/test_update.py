@@ -5,14 +5,14 @@ import pytest
 import torch
 from megatron.core.distributed import finalize_model_grads
 
-from omni_train.config.schema import ModelConfig, OptimConfig, ParallelConfig
-from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.config.schema import ThinkerConfig, OptimConfig, ParallelConfig
+from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.parallel import adamw
 from omni_train.parallel.update import GradScaling, apply_update, finalize_grads, grad_norm
 from omni_train.parallel.wrap import build_optimizer, wrap_data_parallel
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=32,
     mrope_section=[4, 2, 2],
 )
@@ -143,7 +143,7 @@ def test_skip_decided_on_the_device_leaves_everything_untouched(megatron_world1,
 
 def test_square_sum_compiled_equals_eager(inductor_cpu):
     """The norm's reduction as CUDA runs it (compiled; inductor's CPU backend here) against eager fp64."""
-    from omni_train.models.compiled import compiled
+    from omni_train.kernels.compiled import compiled
     from omni_train.parallel.update import square_sum
 
     g = torch.Generator().manual_seed(0)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.parallel.wrap import FirstWriteDDP, wrap_data_parallel
 
-TINY = ModelConfig(
-    flavor="tiny", vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+TINY = ThinkerConfig(
+    vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
     num_query_groups=2, head_dim=16, num_experts=4, router_topk=2, moe_ffn_hidden_size=24,
     mrope_section=[4, 2, 2],
 )

@@ -34,7 +34,7 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from omni_train.models.compiled import fused
+from omni_train.kernels.compiled import fused
 
 # torch._grouped_mm needs every row stride to be a multiple of 16 bytes.
 _ALIGN_BYTES = 16
@@ -86,7 +86,7 @@ class GroupedExperts(SequentialMLP):
         cfg = self.config
         if cfg.add_bias_linear or not cfg.gated_linear_unit or cfg.fp8 or cfg.fp4:
             raise ValueError("GroupedExperts computes bias-free gated (SwiGLU-style) experts in bf16/fp32; "
-                             "use model.experts_impl=sequential for this configuration")
+                             "use model.thinker.experts_impl=sequential for this configuration")
         if cfg.moe_apply_probs_on_input:
             raise ValueError("GroupedExperts does not support moe_apply_probs_on_input")
         for projection in PROJECTIONS:

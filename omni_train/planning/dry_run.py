@@ -2,7 +2,7 @@
 per-rank memory estimate for the run's layout, allocate nothing.
 
 The world size described is ``dry_run_world_size`` (what a recipe is written for), else the smallest the
-layout takes; the estimate is checked against ``dry_run_gpu_memory_gb`` (omni_train/models/memory_estimate.py).
+layout takes; the estimate is checked against ``dry_run_gpu_memory_gb`` (omni_train/planning/memory_estimate.py).
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from omni_train.config import ModelConfig, ParallelConfig, TrainConfig
-from omni_train.models.memory_estimate import estimate_memory, format_estimate
-from omni_train.models.param_inventory import count_thinker_parameters, tower_parameter_counts
-from omni_train.models.thinker_lm import build_thinker_lm, count_parameters, describe_shards
+from omni_train.config import ThinkerConfig, ParallelConfig, TrainConfig
+from omni_train.planning.memory_estimate import estimate_memory, format_estimate
+from omni_train.planning.param_inventory import count_thinker_parameters, tower_parameter_counts
+from omni_train.models.thinker.lm import build_thinker_lm, count_parameters, describe_shards
 
 # Placeholder ids for building the towers on the meta device (only the towers' sizes matter there).
 _META_TOKEN_IDS = dict.fromkeys(("audio_pad", "image_pad", "video_pad", "vision_start", "audio_start"), 0)
 
 
-def build_on_meta(model_cfg: ModelConfig) -> int:
+def build_on_meta(model_cfg: ThinkerConfig) -> int:
     """Build the unsharded megatron model on the meta device (nothing allocated); its parameter count."""
     from omni_train.parallel.setup import init_parallel, shutdown_parallel
 
@@ -36,7 +36,7 @@ def build_on_meta(model_cfg: ModelConfig) -> int:
         shutdown_parallel()
 
 
-def build_towers_on_meta(model_cfg: ModelConfig) -> Tuple[int, int]:
+def build_towers_on_meta(model_cfg: ThinkerConfig) -> Tuple[int, int]:
     """(audio, vision) parameter counts of transformers' tower modules built on the meta device from the
     thinker config the multimodal stages build them from."""
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
@@ -45,7 +45,7 @@ def build_towers_on_meta(model_cfg: ModelConfig) -> Tuple[int, int]:
         Qwen3OmniMoeVisionEncoder,
     )
 
-    from omni_train.stages.multimodal_pretrain import hf_thinker_config
+    from omni_train.models.thinker.hf_config import hf_thinker_config
 
     hf = Qwen3OmniMoeThinkerConfig(**hf_thinker_config(model_cfg, _META_TOKEN_IDS))
     with torch.device("meta"):
@@ -63,9 +63,9 @@ def _collapse_experts(shards: List[Tuple[str, Tuple[int, ...]]]) -> List[Tuple[s
     return [(name, shape, count) for (name, shape), count in grouped.items()]
 
 
-def _count_lines(model_cfg: ModelConfig, built_lm: Optional[int], built_towers: Optional[Tuple[int, int]]):
+def _count_lines(model_cfg: ThinkerConfig, flavor: str, built_lm: Optional[int], built_towers: Optional[Tuple[int, int]]):
     total, active = count_parameters(model_cfg)
-    lines = [f"model {model_cfg.flavor}: {total:,} parameters ({total / 1e9:.2f} B) total, "
+    lines = [f"model {flavor}: {total:,} parameters ({total / 1e9:.2f} B) total, "
              f"{active:,} ({active / 1e9:.2f} B) active per token"]
     if built_lm is not None:
         lines.append(f"built on the meta device: {built_lm:,} parameters "
@@ -74,7 +74,7 @@ def _count_lines(model_cfg: ModelConfig, built_lm: Optional[int], built_towers: 
         return lines
     audio, vision = tower_parameter_counts(model_cfg)
     all_total, all_active = count_thinker_parameters(model_cfg)
-    lines[0] = f"language model {model_cfg.flavor}: " + lines[0].split(": ", 1)[1]
+    lines[0] = f"language model {flavor}: " + lines[0].split(": ", 1)[1]
     lines.append(f"audio tower: {audio:,} parameters; vision tower: {vision:,} parameters "
                  "(replicated on every rank)")
     if built_towers is not None:
@@ -86,9 +86,9 @@ def _count_lines(model_cfg: ModelConfig, built_lm: Optional[int], built_towers: 
     return lines
 
 
-def format_dry_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, built_params: Optional[int],
-                   built_towers: Optional[Tuple[int, int]] = None) -> str:
-    lines = _count_lines(model_cfg, built_params, built_towers)
+def format_dry_run(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig, built_params: Optional[int],
+                   built_towers: Optional[Tuple[int, int]] = None, flavor: str = "thinker") -> str:
+    lines = _count_lines(model_cfg, flavor, built_params, built_towers)
     p = parallel_cfg
     lines.append(f"layout tp={p.tp} pp={p.pp} ep={p.ep} cp={p.cp}: per-rank shards "
                  "(every data-parallel replica holds the same)")
@@ -113,10 +113,10 @@ def format_dry_run(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, built_p
 def print_dry_run(cfg: TrainConfig, world_size: int, build: bool = True) -> bool:
     """Print counts, shards and the memory estimate of ``cfg`` on ``world_size`` ranks; whether the
     estimate fits ``cfg.dry_run_gpu_memory_gb``."""
-    built = build_on_meta(cfg.model) if build else None
-    towers = build_towers_on_meta(cfg.model) if build and cfg.model.towers else None
-    print(format_dry_run(cfg.model, cfg.parallel, built, towers), flush=True)
-    estimates = estimate_memory(cfg.model, cfg.parallel, cfg.trainer, cfg.stage, world_size,
+    built = build_on_meta(cfg.model.thinker) if build else None
+    towers = build_towers_on_meta(cfg.model.thinker) if build and cfg.model.thinker.towers else None
+    print(format_dry_run(cfg.model.thinker, cfg.parallel, built, towers, cfg.model.flavor), flush=True)
+    estimates = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, cfg.stage, world_size,
                                 # packed documents need an [S, S] mask only under context parallelism
                                 # (else varlen flash attention over their boundaries, on the GPU in bf16)
                                 document_mask=cfg.data.name == "shards" and cfg.parallel.cp > 1,

@@ -22,7 +22,7 @@ from typing import Callable, Tuple
 
 import torch
 
-from omni_train.models.compiled import fused
+from omni_train.kernels.compiled import fused
 
 # eager path: fp32 temporaries of at most this many bytes per chunk of rows
 _EAGER_CHUNK_BYTES = 1 << 28

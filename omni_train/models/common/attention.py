@@ -30,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.bias import causal_lower_right
 
-from omni_train.models.tower_attention import uses_flash_kernel, varlen_kernel
+from omni_train.models.common.tower_attention import uses_flash_kernel, varlen_kernel
 from omni_train.parallel.context_parallel import slice_for_cp_rank, zigzag_chunks
 
 

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from omni_train.models.compiled import fused
+from omni_train.kernels.compiled import fused
 from omni_train.parallel.context_parallel import slice_for_cp_rank
 
 

@@ -1,8 +1,8 @@
 """Provider for the Thinker's MoE language model on megatron-core's GPTModel.
 
-sizes (ModelConfig) + layout (ParallelConfig) -> TransformerConfig -> local layer spec -> GPTModel.
-No Transformer Engine: routed experts are omni_train.models.grouped_experts.GroupedExperts (torch's
-grouped GEMM over two stacked weights per layer, SequentialMLP's checkpoint layout) or, with ``model.experts_impl=sequential``,
+sizes (ThinkerConfig) + layout (ParallelConfig) -> TransformerConfig -> local layer spec -> GPTModel.
+No Transformer Engine: routed experts are omni_train.models.common.grouped_experts.GroupedExperts (torch's
+grouped GEMM over two stacked weights per layer, SequentialMLP's checkpoint layout) or, with ``model.thinker.experts_impl=sequential``,
 megatron's SequentialMLP itself. The caller initializes
 megatron's parallel_state; nothing here reads the environment or chooses parallel degrees.
 
@@ -30,19 +30,19 @@ from megatron.core.transformer.transformer_block import (
 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.models.attention import SDPAttention
-from omni_train.models.compiled import fused
-from omni_train.models.cross_entropy import cross_entropy
-from omni_train.models.grouped_experts import GroupedExperts
-from omni_train.models.local_dispatch import OmniMoELayer
-from omni_train.models.rotary import InterleavedMRotaryEmbedding, use_fused_rotary
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.common.attention import SDPAttention
+from omni_train.kernels.compiled import fused
+from omni_train.models.common.cross_entropy import cross_entropy
+from omni_train.models.common.grouped_experts import GroupedExperts
+from omni_train.models.common.local_dispatch import OmniMoELayer
+from omni_train.models.common.rotary import InterleavedMRotaryEmbedding, use_fused_rotary
 
 _LOAD_BALANCING = ("aux_loss", "expert_bias")
 EXPERTS_IMPLS = ("grouped", "sequential")
 
 
-def _aux_loss_coeff(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> float:
+def _aux_loss_coeff(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig) -> float:
     """The coefficient to hand megatron so the load-balancing loss weighs what it does on one process.
 
     With calculate_per_token_loss, megatron-core 0.16 computes the aux loss over the tokens of the
@@ -55,7 +55,7 @@ def _aux_loss_coeff(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> flo
     return model_cfg.aux_loss_coeff * split
 
 
-def _router_settings(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> dict:
+def _router_settings(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig) -> dict:
     """Qwen3 routing: softmax over the top-k logits == softmax, top-k, renormalize (norm_topk_prob).
 
     "expert_bias" (aux-loss-free) uses megatron's expert bias, which megatron only allows with
@@ -97,7 +97,7 @@ def _fusions_off() -> dict:
 
 
 def build_transformer_config(
-    model_cfg: ModelConfig,
+    model_cfg: ThinkerConfig,
     parallel_cfg: ParallelConfig,
     *,
     params_dtype: torch.dtype,
@@ -169,7 +169,7 @@ def _decoder_spec(config: TransformerConfig, experts_impl: str) -> TransformerBl
     """megatron's local (no TE) MoE layer spec with our RMSNorm everywhere, SDPA core attention
     (context-parallel capable) and grouped-GEMM experts, for this pipeline stage."""
     if experts_impl not in EXPERTS_IMPLS:
-        raise ValueError(f"model.experts_impl must be one of {EXPERTS_IMPLS}, got {experts_impl!r}")
+        raise ValueError(f"model.thinker.experts_impl must be one of {EXPERTS_IMPLS}, got {experts_impl!r}")
     layer = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=False,
@@ -190,7 +190,7 @@ def _decoder_spec(config: TransformerConfig, experts_impl: str) -> TransformerBl
 
 
 def build_thinker_lm(
-    model_cfg: ModelConfig,
+    model_cfg: ThinkerConfig,
     parallel_cfg: ParallelConfig,
     *,
     device: torch.device | str,
@@ -265,7 +265,7 @@ class ThinkerGPTModel(GPTModel):
     megatron's vocab-parallel cross-entropy (needed when the vocabulary is split over TP ranks) makes ~8
     passes over an fp32 copy of the [tokens, vocab] logits (upcast, max, subtract, exp, sum, divide; in
     backward a copy and a multiply) and keeps that copy for backward: ~25 ms per step and 5 GB at 8k tokens
-    and Qwen3-Omni's 152k vocabulary on an H100. ``models.cross_entropy`` reads the bf16 logits once
+    and Qwen3-Omni's 152k vocabulary on an H100. ``models.common.cross_entropy`` reads the bf16 logits once
     forward and once backward and keeps nothing but them and one number per token. Same function."""
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -277,7 +277,7 @@ class ThinkerGPTModel(GPTModel):
         return loss.view(seq, batch).t().contiguous()
 
 
-def _build_gpt_model(model_cfg: ModelConfig, config: TransformerConfig, pre_process, post_process):
+def _build_gpt_model(model_cfg: ThinkerConfig, config: TransformerConfig, pre_process, post_process):
     model = ThinkerGPTModel(
         config=config,
         transformer_layer_spec=_decoder_spec(config, model_cfg.experts_impl),
@@ -302,7 +302,7 @@ def _build_gpt_model(model_cfg: ModelConfig, config: TransformerConfig, pre_proc
 # Parameter counts and shard shapes, computed analytically (nothing is allocated).
 
 
-def _layer_shards(m: ModelConfig, tp: int, ep: int) -> List[Tuple[str, Tuple[int, ...]]]:
+def _layer_shards(m: ThinkerConfig, tp: int, ep: int) -> List[Tuple[str, Tuple[int, ...]]]:
     """(name, local shape) of one decoder layer on one (tp rank, ep rank); expert TP = TP."""
     h, d, e = m.hidden_size, m.head_dim, m.num_experts
     qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
@@ -329,7 +329,7 @@ def _numel(shape: Tuple[int, ...]) -> int:
     return n
 
 
-def _check_divisible(m: ModelConfig, p: ParallelConfig) -> None:
+def _check_divisible(m: ThinkerConfig, p: ParallelConfig) -> None:
     checks = {
         "num_layers % pp": m.num_layers % p.pp,
         "num_query_groups % tp": m.num_query_groups % p.tp,
@@ -342,7 +342,7 @@ def _check_divisible(m: ModelConfig, p: ParallelConfig) -> None:
         raise ValueError(f"layout tp={p.tp} pp={p.pp} ep={p.ep} does not divide: {bad}")
 
 
-def describe_shards(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> List[Dict]:
+def describe_shards(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig) -> List[Dict]:
     """Per-rank shard shapes for the layout (tp, pp, ep), without allocating.
 
     One entry per (pipeline stage, tp rank, ep rank): ``layer`` lists (name, local shape) of one
@@ -374,7 +374,7 @@ def describe_shards(model_cfg: ModelConfig, parallel_cfg: ParallelConfig) -> Lis
     return report
 
 
-def count_parameters(model_cfg: ModelConfig) -> Tuple[int, int]:
+def count_parameters(model_cfg: ThinkerConfig) -> Tuple[int, int]:
     """(total, active per token) parameter counts of the unsharded LM, embeddings included."""
     m = model_cfg
     shards = _layer_shards(m, tp=1, ep=1)

@@ -53,11 +53,12 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from omni_train.config.schema import ModelConfig, ParallelConfig
-from omni_train.data.media_batch import media_to
-from omni_train.models import tower_attention, tower_plan
-from omni_train.models.compiled import triton_available
-from omni_train.models.thinker_lm import build_thinker_lm
+from omni_train.config.schema import ThinkerConfig, ParallelConfig
+from omni_train.models.common.tensors import tensors_to
+from omni_train.models.common import tower_attention
+from omni_train.models.thinker import tower_plan
+from omni_train.kernels.compiled import triton_available
+from omni_train.models.thinker.lm import build_thinker_lm
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ class OmniThinker(torch.nn.Module):
 
     def prepare_media(self, media, device) -> dict:
         """Tower inputs (``data.media_batch.collate_media``: CPU tensors or None) -> forward's keyword
-        arguments on ``device``, with each tower's plan (``models/tower_plan.py``) worked out on the host
+        arguments on ``device``, with each tower's plan (``models/thinker/tower_plan.py``) worked out on the host
         first, so that the towers never read a device tensor on the host."""
         plans = {}
         if media.get("input_features") is not None:
@@ -223,8 +224,8 @@ class OmniThinker(torch.nn.Module):
         for grid, key in (("image_grid_thw", "image_plan"), ("video_grid_thw", "video_plan")):
             if media.get(grid) is not None:
                 plans[key] = tower_plan.vision_plan(self.visual, media[grid])
-        return {**media_to(media, device),
-                **{key: plan if plan is None else media_to(plan, device) for key, plan in plans.items()}}
+        return {**tensors_to(media, device),
+                **{key: plan if plan is None else tensors_to(plan, device) for key, plan in plans.items()}}
 
     # ----- forward ----------------------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class OmniThinker(torch.nn.Module):
         packed_seq_params=None,
     ) -> torch.Tensor:
         """``*_plan``: the towers' precomputed inputs (``prepare_media``), optional; ``packed_seq_params``:
-        documents of packed rows (``models.attention.document_attention``), for the LM's attention."""
+        documents of packed rows (``models.common.attention.document_attention``), for the LM's attention."""
         embeds = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         plans = {"audio": audio_plan, "image": image_plan, "video": video_plan}
         embeds, self._deepstack = self._merge(
@@ -313,7 +314,7 @@ def _check_layout(parallel_cfg: ParallelConfig) -> None:
         )
 
 
-def _check_widths(model_cfg: ModelConfig, audio_cfg, vision_cfg) -> None:
+def _check_widths(model_cfg: ThinkerConfig, audio_cfg, vision_cfg) -> None:
     widths = {"audio output_dim": audio_cfg.output_dim, "vision out_hidden_size": vision_cfg.out_hidden_size}
     bad = {k: v for k, v in widths.items() if v != model_cfg.hidden_size}
     if bad:
@@ -347,7 +348,7 @@ def _build_tower(cls, config, device, params_dtype, attn_implementation):
 
 def build_omni_thinker(
     hf_thinker_config: Union[Qwen3OmniMoeThinkerConfig, Dict],
-    model_cfg: ModelConfig,
+    model_cfg: ThinkerConfig,
     parallel_cfg: ParallelConfig,
     *,
     device: Union[torch.device, str],
@@ -357,7 +358,7 @@ def build_omni_thinker(
 ) -> OmniThinker:
     """Towers from the HF thinker config (a Qwen3OmniMoeThinkerConfig or its dict: ``audio_config``,
     ``vision_config`` and the placeholder token ids), the LM from ``model_cfg`` (its text_config is not
-    read). Tower attention: ``models/tower_attention.py`` (varlen flash attention on CUDA, no host sync per
+    read). Tower attention: ``models/common/tower_attention.py`` (varlen flash attention on CUDA, no host sync per
     layer), or a transformers ``attn_implementation`` ("sdpa", "eager"). ``recompute="full"`` recomputes
     the LM's decoder layers and the towers' blocks (transformers' gradient checkpointing) in backward."""
     _check_layout(parallel_cfg)

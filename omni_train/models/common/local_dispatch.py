@@ -21,7 +21,7 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-from omni_train.models.compiled import fused
+from omni_train.kernels.compiled import fused
 
 
 class _Dispatch(torch.autograd.Function):

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from omni_train.config.schema import ModelConfig
+from omni_train.config.schema import ThinkerConfig
 
 _L = "thinker.model.layers.{layer}"
 _M = "decoder.layers.{layer}"
@@ -69,7 +69,7 @@ HF_PREFIXES: Dict[str, Dict[str, str]] = {
 }
 
 
-def _merge_qkv(q, k, v, cfg: ModelConfig) -> torch.Tensor:
+def _merge_qkv(q, k, v, cfg: ThinkerConfig) -> torch.Tensor:
     """Megatron's fused QKV: per query group, [its query heads, its key head, its value head]."""
     groups, d = cfg.num_query_groups, cfg.head_dim
     hidden = q.shape[-1]
@@ -79,7 +79,7 @@ def _merge_qkv(q, k, v, cfg: ModelConfig) -> torch.Tensor:
     return torch.cat((q, k, v), dim=1).reshape(-1, hidden)
 
 
-def _split_qkv(qkv, cfg: ModelConfig):
+def _split_qkv(qkv, cfg: ThinkerConfig):
     groups, d = cfg.num_query_groups, cfg.head_dim
     q_rows = cfg.num_attention_heads // groups * d
     per_group = qkv.reshape(groups, q_rows + 2 * d, -1)
@@ -88,7 +88,7 @@ def _split_qkv(qkv, cfg: ModelConfig):
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
-def _to_megatron(row: Row, tensors, cfg: ModelConfig) -> torch.Tensor:
+def _to_megatron(row: Row, tensors, cfg: ThinkerConfig) -> torch.Tensor:
     if row.kind == "qkv":
         return _merge_qkv(*tensors, cfg)
     if row.kind == "gated_mlp":
@@ -96,7 +96,7 @@ def _to_megatron(row: Row, tensors, cfg: ModelConfig) -> torch.Tensor:
     return tensors[0]
 
 
-def _to_hf(row: Row, tensor: torch.Tensor, cfg: ModelConfig):
+def _to_hf(row: Row, tensor: torch.Tensor, cfg: ThinkerConfig):
     if row.kind == "qkv":
         return _split_qkv(tensor, cfg)
     if row.kind == "gated_mlp":
@@ -104,7 +104,7 @@ def _to_hf(row: Row, tensor: torch.Tensor, cfg: ModelConfig):
     return (tensor,)
 
 
-def _expand(row: Row, cfg: ModelConfig):
+def _expand(row: Row, cfg: ThinkerConfig):
     """Every concrete (megatron name, HF names) pair one table row stands for."""
     if "{layer}" not in row.megatron:
         yield row.megatron, row.hf
@@ -116,7 +116,7 @@ def _expand(row: Row, cfg: ModelConfig):
             yield row.megatron.format(**fill), tuple(h.format(**fill) for h in row.hf)
 
 
-def hf_to_megatron(hf_state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+def hf_to_megatron(hf_state: Dict[str, torch.Tensor], cfg: ThinkerConfig) -> Dict[str, torch.Tensor]:
     """HF on-disk Thinker LM tensors -> unsharded megatron state dict (other HF keys are ignored)."""
     out = {}
     for row in TABLE:
@@ -125,7 +125,7 @@ def hf_to_megatron(hf_state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[
     return out
 
 
-def megatron_to_hf(mg_state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+def megatron_to_hf(mg_state: Dict[str, torch.Tensor], cfg: ThinkerConfig) -> Dict[str, torch.Tensor]:
     """Unsharded megatron state dict -> HF on-disk Thinker LM tensors."""
     out = {}
     for row in TABLE:
@@ -139,7 +139,7 @@ def megatron_to_hf(mg_state: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[
 # Helpers for streaming conversion (omni_train.export): one tensor at a time, any layout.
 
 
-def _sizes(cfg: ModelConfig) -> Dict[str, int]:
+def _sizes(cfg: ThinkerConfig) -> Dict[str, int]:
     return dict(
         hidden=cfg.hidden_size, vocab=cfg.vocab_size, head_dim=cfg.head_dim, ffn=cfg.moe_ffn_hidden_size,
         experts=cfg.num_experts, q_rows=cfg.num_attention_heads * cfg.head_dim,
@@ -147,13 +147,13 @@ def _sizes(cfg: ModelConfig) -> Dict[str, int]:
     )
 
 
-def hf_shapes(row: Row, cfg: ModelConfig) -> List[Tuple[int, ...]]:
+def hf_shapes(row: Row, cfg: ThinkerConfig) -> List[Tuple[int, ...]]:
     """The shape each of the row's HF tensors must have for these sizes."""
     sizes = _sizes(cfg)
     return [tuple(sizes[n] for n in names) for names in row.shapes]
 
 
-def expand_table(cfg: ModelConfig) -> Iterator[Tuple[Row, str, Tuple[str, ...]]]:
+def expand_table(cfg: ThinkerConfig) -> Iterator[Tuple[Row, str, Tuple[str, ...]]]:
     """(row, unsharded megatron name, HF names) for every LM tensor, table order."""
     for row in TABLE:
         for mg_name, hf_names in _expand(row, cfg):
@@ -168,11 +168,11 @@ def rename_hf(name: str, layout: str) -> str:
     return name
 
 
-def to_megatron(row: Row, tensors, cfg: ModelConfig) -> torch.Tensor:
+def to_megatron(row: Row, tensors, cfg: ThinkerConfig) -> torch.Tensor:
     return _to_megatron(row, tensors, cfg)
 
 
-def to_hf(row: Row, tensor: torch.Tensor, cfg: ModelConfig):
+def to_hf(row: Row, tensor: torch.Tensor, cfg: ThinkerConfig):
     return tuple(t.contiguous() for t in _to_hf(row, tensor, cfg))
 
 
@@ -217,7 +217,7 @@ def _check_supported(text_config: dict) -> None:
         raise ValueError("text_config.shared_expert_intermediate_size is not supported (no shared expert)")
 
 
-def model_config_from_hf(text_config: dict, flavor: str = "from_hf") -> ModelConfig:
+def model_config_from_hf(text_config: dict) -> ThinkerConfig:
     """Thinker LM sizes from an HF text config (the Qwen3-Omni thinker's, or a Qwen3-MoE config.json).
 
     Fields the Thinker LM cannot represent raise ValueError naming the field.
@@ -234,8 +234,7 @@ def model_config_from_hf(text_config: dict, flavor: str = "from_hf") -> ModelCon
         section = _DEFAULT_MROPE.get(head_dim, [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6])
     if sum(section) != head_dim // 2:
         raise ValueError(f"text_config mrope_section={section} must sum to head_dim/2={head_dim // 2}")
-    return ModelConfig(
-        flavor=flavor,
+    return ThinkerConfig(
         vocab_size=text_config["vocab_size"],
         hidden_size=text_config["hidden_size"],
         num_layers=text_config["num_hidden_layers"],
@@ -254,11 +253,11 @@ def model_config_from_hf(text_config: dict, flavor: str = "from_hf") -> ModelCon
     )
 
 
-def hf_text_config(cfg: ModelConfig) -> dict:
+def hf_text_config(cfg: ThinkerConfig) -> dict:
     """The HF Qwen3-Omni thinker ``text_config`` (as a dict) of these sizes: the inverse of
     ``model_config_from_hf``. Only the aux-loss router (Qwen3's softmax top-k) has an HF equivalent."""
     if cfg.load_balancing != "aux_loss":
-        raise ValueError(f"model.load_balancing={cfg.load_balancing!r} has no Hugging Face equivalent "
+        raise ValueError(f"model.thinker.load_balancing={cfg.load_balancing!r} has no Hugging Face equivalent "
                          "(its sigmoid expert-bias router is not Qwen3's softmax top-k); need 'aux_loss'")
     return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,

@@ -2,7 +2,7 @@
 
 Names are those of the model the stages build: the towers under ``audio_tower.`` / ``visual.`` (their
 transformers names, as in ``OmniThinker``) and the megatron LM under ``language_model.`` when
-``model.towers`` is on; the bare megatron names (``decoder.layers.{i}...``) for the LM alone. Stage
+``model.thinker.towers`` is on; the bare megatron names (``decoder.layers.{i}...``) for the LM alone. Stage
 ``trainable`` / ``frozen`` patterns match these names, so the memory estimate can tell trainable from
 frozen parameters per phase. The tower tables follow transformers' ``Qwen3OmniMoeAudioEncoder`` and
 ``Qwen3OmniMoeVisionEncoder`` (tests/configs/test_30b_recipes.py compares them, name for name and shape
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple
 
-from omni_train.config.schema import AudioTowerConfig, ModelConfig, ParallelConfig, VisionTowerConfig
-from omni_train.models.thinker_lm import count_parameters, describe_shards
+from omni_train.config.schema import AudioTowerConfig, ThinkerConfig, ParallelConfig, VisionTowerConfig
+from omni_train.models.thinker.lm import count_parameters, describe_shards
 
 VISION_IN_CHANNELS = 3  # RGB; transformers' Qwen3OmniMoeVisionEncoderConfig.in_channels
 
@@ -99,7 +99,7 @@ def vision_tower_shapes(vision: VisionTowerConfig, output_dim: int) -> List[Tupl
     return shapes
 
 
-def tower_parameter_counts(model_cfg: ModelConfig) -> Tuple[int, int]:
+def tower_parameter_counts(model_cfg: ThinkerConfig) -> Tuple[int, int]:
     """(audio tower, vision tower) parameter counts; both 0 without towers."""
     if not model_cfg.towers:
         return 0, 0
@@ -108,15 +108,15 @@ def tower_parameter_counts(model_cfg: ModelConfig) -> Tuple[int, int]:
     return audio, vision
 
 
-def count_thinker_parameters(model_cfg: ModelConfig) -> Tuple[int, int]:
+def count_thinker_parameters(model_cfg: ThinkerConfig) -> Tuple[int, int]:
     """(total, active per token) of the Thinker: the LM, plus the audio and vision towers when
-    ``model.towers`` is on (the towers are dense: every tower parameter is active)."""
+    ``model.thinker.towers`` is on (the towers are dense: every tower parameter is active)."""
     lm_total, lm_active = count_parameters(model_cfg)
     towers = sum(tower_parameter_counts(model_cfg))
     return lm_total + towers, lm_active + towers
 
 
-def rank_parameters(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, pipeline_stage: int = 0
+def rank_parameters(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig, pipeline_stage: int = 0
                     ) -> List[RankParam]:
     """Every parameter held by one rank of ``pipeline_stage`` (tensor / expert rank 0: all ranks of a
     stage hold the same sizes). The towers, when on, are replicated on every rank (tp = pp = 1)."""

@@ -47,13 +47,13 @@ from typing import List, Optional, Sequence
 
 from omni_train.config.schema import (
     AudioTowerConfig,
-    ModelConfig,
+    ThinkerConfig,
     ParallelConfig,
     StageConfig,
     TrainerConfig,
     VisionTowerConfig,
 )
-from omni_train.models.param_inventory import RankParam, audio_conv_out_bins, rank_parameters
+from omni_train.planning.param_inventory import RankParam, audio_conv_out_bins, rank_parameters
 
 GB = 1e9
 FP32 = 4
@@ -129,7 +129,7 @@ def _phases(stage: StageConfig):
 # ----- activations -----------------------------------------------------------------------------------
 
 
-def lm_layer_activation_bytes(model: ModelConfig, parallel: ParallelConfig, tokens: int, act: int) -> int:
+def lm_layer_activation_bytes(model: ThinkerConfig, parallel: ParallelConfig, tokens: int, act: int) -> int:
     """Bytes one LM decoder layer keeps for backward for ``tokens`` tokens (this rank's sequence share,
     micro_batch_size * seq_length / cp), without recomputation. See the module docstring."""
     h, a, g, d = model.hidden_size, model.num_attention_heads, model.num_query_groups, model.head_dim
@@ -144,7 +144,7 @@ def lm_layer_activation_bytes(model: ModelConfig, parallel: ParallelConfig, toke
     return attention + router + experts
 
 
-def lm_layer_input_bytes(model: ModelConfig, parallel: ParallelConfig, tokens: int, act: int) -> int:
+def lm_layer_input_bytes(model: ThinkerConfig, parallel: ParallelConfig, tokens: int, act: int) -> int:
     """What full recomputation keeps per layer: the layer's input (sequence-parallel sharded)."""
     s = parallel.tp if parallel.sequence_parallel else 1
     return act * tokens * model.hidden_size // s
@@ -188,7 +188,7 @@ def vision_tower_bytes_per_token(vision: VisionTowerConfig, act: int, checkpoint
     return act * (patches * (embed + vision.depth * per_block) + mergers)
 
 
-def _tower_items(model: ModelConfig, tokens: int, act: int, checkpointed: bool,
+def _tower_items(model: ThinkerConfig, tokens: int, act: int, checkpointed: bool,
                  trains_audio: bool, trains_vision: bool) -> List[MemoryItem]:
     """Worst case: every token of the micro-batch belongs to the costlier trainable tower."""
     candidates = []
@@ -234,7 +234,7 @@ def _state_items(params: List[RankParam], trains, layout: Layout, trainer: Train
     ]
 
 
-def _activation_items(model: ModelConfig, parallel: ParallelConfig, trainer: TrainerConfig,
+def _activation_items(model: ThinkerConfig, parallel: ParallelConfig, trainer: TrainerConfig,
                       layers: int, in_flight: int, first: bool, last: bool, document_mask: bool,
                       trains_audio: bool, trains_vision: bool) -> List[MemoryItem]:
     act = _param_bytes(trainer)
@@ -277,7 +277,7 @@ def _activation_items(model: ModelConfig, parallel: ParallelConfig, trainer: Tra
     return items
 
 
-def estimate_memory(model: ModelConfig, parallel: ParallelConfig, trainer: TrainerConfig,
+def estimate_memory(model: ThinkerConfig, parallel: ParallelConfig, trainer: TrainerConfig,
                     stage: StageConfig, world_size: int, document_mask: bool,
                     master_weights: bool = True) -> List[MemoryEstimate]:
     """One estimate per phase of the stage (one if it has none), each on its most loaded pipeline stage.

@@ -1,0 +1,1 @@
+"""Building blocks shared by every network: attention, rotary, grouped experts, dispatch, cross-entropy."""

@@ -1,0 +1,1 @@
+"""Planning without allocating: dry run, memory estimate, parameter inventory (meta builds and arithmetic)."""

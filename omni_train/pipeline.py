@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from omni_train.checkpoint.manager import checkpoint_step, latest_checkpoint
 from omni_train.config import ConfigError, compose, validate_config
 from omni_train.launch import launched_world
+from omni_train.loops import check_stage
 
 # Keys the pipeline sets for each stage itself; the user's values for them are the pipeline's own.
 PIPELINE_KEYS = ("recipe", "run_dir", "init_from", "pipeline")
@@ -86,6 +87,7 @@ def plan(cfg: DictConfig, argv: List[str]) -> List[PlannedStage]:
                                   "with launcher=torchrun")
             validate_config(stage_cfg, world_size=launched_world(stage_cfg) or 1,
                             cuda_available=torch.cuda.is_available())
+            check_stage(stage_cfg)
         except ConfigError as exc:
             raise ConfigError(f"pipeline.stages[{i}] ({entry.recipe}): {exc.key}", exc.problem) from exc
         overrides = [f"recipe={entry.recipe}", *entry.overrides, *shared, f"run_dir={stage_cfg.run_dir}",

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omni_train.config import CONF_DIR, ConfigError, TrainConfig, compose, register_schemas, validate_config
 from omni_train.config.validate import smallest_world_size
 from omni_train.launch import check_launcher, launch, launched_world
+from omni_train.loops import check_stage
 
 
 def _user_overrides(argv: List[str]) -> List[str]:
@@ -39,6 +40,8 @@ def preflight(argv: List[str]) -> DictConfig:
     world_size = (dry_run_world_size(cfg) if cfg.dry_run
                   else launched_world(cfg) or int(os.environ.get("WORLD_SIZE", "1")))
     validate_config(cfg, world_size=world_size, cuda_available=cuda_available)
+    if not cfg.pipeline.stages:
+        check_stage(cfg)
     return cfg
 
 
@@ -70,12 +73,12 @@ def run(cfg: DictConfig) -> None:
                   f"{train_cfg.dry_run_gpu_memory_gb:g}", file=sys.stderr, flush=True)
             sys.exit(3)
         return
-    from omni_train.loop import train
+    from omni_train.loops import run_stage
     from omni_train.parallel.setup import choose_device, init_parallel, shutdown_parallel
 
     env = init_parallel(train_cfg.parallel, choose_device(train_cfg.trainer.device), train_cfg.trainer.seed)
     try:
-        train(train_cfg, env)
+        run_stage(train_cfg, env)
     finally:
         shutdown_parallel()
 

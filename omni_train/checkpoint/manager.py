@@ -135,23 +135,26 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
 
-    def _sharded_state(self, model, optimizer, data, is_loading: bool) -> Dict[str, Any]:
+    def _sharded_state(self, model, optimizer, data, is_loading: bool, frozen=None) -> Dict[str, Any]:
         model_sd = _unwrap(model).sharded_state_dict()
         state = {"model": model_sd, "rng_state": _per_rank("rng_state", _rng_state()),
                  "data_state": _per_rank("data_state", data.state_dict())}
+        if frozen:  # frozen models a stage keeps in its checkpoints (stage.frozen_models[].save)
+            state["frozen"] = {name: module.sharded_state_dict(prefix=f"frozen.{name}.")
+                               for name, module in frozen.items()}
         if optimizer is not None:
             state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                               metadata=OPTIMIZER_METADATA)
         return state
 
-    def save(self, model, optimizer, scheduler, train_state: TrainState, data) -> Path:
+    def save(self, model, optimizer, scheduler, train_state: TrainState, data, frozen=None) -> Path:
         name = f"step_{train_state.step:08d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        state = self._sharded_state(model, optimizer, data, is_loading=False)
+        state = self._sharded_state(model, optimizer, data, is_loading=False, frozen=frozen)
         state["scheduler"] = scheduler.state_dict()
         state["train_state"] = vars(train_state).copy()
         dist_checkpointing.save(state, str(tmp))
@@ -179,13 +182,16 @@ class CheckpointManager:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, model, optimizer, scheduler, data) -> TrainState:
+    def load(self, path: Path, model, optimizer, scheduler, data, frozen=None) -> TrainState:
         """Restore everything (resume), data loader position included. Returns the saved TrainState."""
         if optimizer is not None:
             _prime_distributed_optimizer(optimizer)
-        state = self._sharded_state(model, optimizer, data, is_loading=True)
+        state = self._sharded_state(model, optimizer, data, is_loading=True, frozen=frozen)
         loaded = dist_checkpointing.load(state, str(path))
         _unwrap(model).load_state_dict(loaded["model"])
+        for name, module in (frozen or {}).items():
+            prefix = f"frozen.{name}."
+            module.load_state_dict({k.removeprefix(prefix): v for k, v in loaded["frozen"][name].items()})
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])

@@ -220,8 +220,28 @@ class PhaseConfig:
 
 
 @dataclass
+class FrozenModelConfig:
+    """A model that a stage runs beside the one it trains and never updates: a reference copy of the
+    policy, a teacher, a judge. It lives in eval mode under no_grad, holds no gradient buffers and no
+    optimizer state, and is laid out like the trained model (the same tp / pp / ep over the same process
+    groups)."""
+
+    name: str = MISSING  # how the stage's forward and the metrics name it ("reference", "teacher")
+    # Where its weights come from: "init" (the trained model's starting weights: init_from, else the same
+    # seeded initialisation), "stage:<name>" or a checkpoint path (its sizes from that run's config.yaml),
+    # or "hf:<dir>" (a Hugging Face directory, imported in memory through the bridge table).
+    source: str = "init"
+    save: bool = False  # also write it into this stage's checkpoints (restored from them on resume)
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
+    # The registered stage whose code (model, data, forward) this stage runs (omni_train/stages/__init__.py);
+    # null: the stage registered under `name`. Stages that differ only in configuration share one.
+    base: Optional[str] = None
+    loop: str = "supervised"  # the loop that drives it (omni_train/loops/): "supervised"
+    frozen_models: List[FrozenModelConfig] = field(default_factory=list)
     # Regular expressions over parameter names; a parameter trains when it matches `trainable` and not
     # `frozen`.
     trainable: List[str] = field(default_factory=lambda: [".*"])

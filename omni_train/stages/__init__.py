@@ -1,4 +1,9 @@
-"""Training stages. Each module states only what differs: model, data, loss (conf/stage/<name>.yaml)."""
+"""Training stages: what a stage trains, on which data, with which loss (conf/stage/<name>.yaml).
+
+A stage's Python code is registered here once under a name; stages that differ only in configuration
+(trainable sets, phases, data mixture) name that code with ``stage.base`` and need no file of their own
+(the report's S1/S2/S3 all run ``multimodal_pretrain``).
+"""
 
 from __future__ import annotations
 
@@ -14,28 +19,34 @@ from omni_train.config import StageConfig
 STAGES = {
     "text_pretrain": "omni_train.stages.text_pretrain",
     "multimodal_pretrain": "omni_train.stages.multimodal_pretrain",
-    "audio_align": "omni_train.stages.audio_align",
-    "vision_align": "omni_train.stages.vision_align",
-    "general_pretrain": "omni_train.stages.general_pretrain",
-    "long_context": "omni_train.stages.long_context",
 }
 
 
 @dataclass
 class Stage:
-    # (TrainConfig, ParallelEnv, pre_process, post_process) -> megatron model on env.device
+    # (TrainConfig, ParallelEnv, params_dtype, pre_process, post_process) -> megatron model on env.device.
+    # Frozen models of the stage (stage.frozen_models) are built with it too, from their own sizes.
     build_model: Callable[..., torch.nn.Module]
-    # (TrainConfig, ParallelEnv) -> this rank's batch source: next_microbatches() -> list of dicts of
-    # tensors (one optimizer step), state_dict() / load_state_dict() (saved in checkpoints), stats()
+    # (TrainConfig, ParallelEnv) -> this rank's batch source: next_microbatches() -> list of batches (one
+    # optimizer step; omni_train/data/batch.py), state_dict() / load_state_dict() (in checkpoints), stats()
     build_data: Callable[..., Any]
-    # (model, batch) -> (output tensor, loss_func(output) -> (loss_sum, num_tokens, report))
+    # (model, batch, frozen: {name: frozen model}) -> (output tensor, loss_func(output) ->
+    # (loss_sum, num_tokens, report)); report: {name: tensor [2] (sum, count)}, logged as sum / count over
+    # the global batch (omni_train/loops/report.py), "loss" being the optimised one.
     forward: Callable[..., Tuple[torch.Tensor, Callable]]
 
 
+def stage_code(cfg: StageConfig) -> str:
+    """The registered code a stage runs: ``stage.base``, else its own name."""
+    return cfg.base or cfg.name
+
+
 def load_stage(cfg: StageConfig) -> Stage:
-    if cfg.name not in STAGES:
-        raise KeyError(f"stage.name: unknown stage {cfg.name!r}; known: {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[cfg.name]).STAGE
+    code = stage_code(cfg)
+    if code not in STAGES:
+        key = "stage.base" if cfg.base else "stage.name"
+        raise KeyError(f"{key}: unknown stage {code!r}; registered: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[code]).STAGE
 
 
 @dataclass(frozen=True)

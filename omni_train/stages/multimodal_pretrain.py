@@ -51,7 +51,7 @@ def build_data(cfg, env):
     return build_source(cfg, env)
 
 
-def forward(model, batch):
+def forward(model, batch, frozen=None):
     device = batch["input_ids"].device
     # collated on the host; the towers' plans are worked out there before the copy (no syncs in them)
     media = unwrap_model(model).prepare_media(collate_media(batch.get("media") or []), device)

@@ -24,7 +24,7 @@ def build_data(cfg, env):
     return build_source(cfg, env)
 
 
-def forward(model, batch):
+def forward(model, batch, frozen=None):
     # Packed shard batches say which document each token belongs to; attention stays inside it.
     # (The synthetic stream is one document per row: plain causal attention.)
     per_token_loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],

@@ -77,7 +77,7 @@ def test_pipeline_hand_off_resume_export(tmp_path):
         records = metrics(root / stage)
         assert _falls(records), (stage, {s: r["loss"] for s, r in records.items()})
         for r in records.values():  # per-modality losses: a token-weighted split of the loss
-            parts = [(r[f"loss_{m}"], r[f"target_tokens_{m}"]) for m in MODALITIES if f"loss_{m}" in r]
+            parts = [(r[f"loss_{m}"], r[f"loss_{m}_count"]) for m in MODALITIES if f"loss_{m}" in r]
             assert parts
             mean = sum(loss * n for loss, n in parts) / sum(n for _, n in parts)
             assert abs(mean - r["loss"]) < 1e-6 * max(1.0, r["loss"])  # fp32 sums, other order

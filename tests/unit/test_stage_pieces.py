@@ -59,8 +59,8 @@ def test_modality_losses_sum_to_the_total():
     mask = (torch.rand(2, 8) > 0.3).float()
     modality = torch.tensor([[0, 0, 1, 1, 1, 2, 2, -1], [3, 3, 3, 3, 0, 0, -1, -1]])
     loss_sum, num_tokens, report = masked_token_loss(per_token, mask, modality_ids=modality)
-    table = report["modality_loss"]
-    assert table.shape == (len(MODALITIES), 2)
+    assert set(report) == {"loss", *(f"loss_{m}" for m in MODALITIES)}
+    table = torch.stack([report[f"loss_{m}"] for m in MODALITIES])
     for m in range(len(MODALITIES)):
         keep = (modality == m).float() * mask
         assert torch.allclose(table[m, 0], (per_token * keep).sum())

@@ -13,7 +13,7 @@ def label_parts(trainer) -> None:
     spend the step."""
     import torch
 
-    import omni_train.loop as loop
+    import omni_train.loops.supervised as loop
 
     def labelled(label, fn):
         def wrapped(*args, **kwargs):
@@ -102,7 +102,7 @@ def phase_timeline(trainer, step, device, steps: int = 4) -> dict:
 
     import torch
 
-    import omni_train.loop as loop
+    import omni_train.loops.supervised as loop
 
     on_gpu = device.type == "cuda"
     marks = []  # (name, host time, event)

@@ -9,7 +9,7 @@ one with ``--tiny``) on the same seeded random tokens, micro-batch and sequence 
 step per ``--micro-batches`` micro-batches (default 1; more is gradient accumulation, on both sides the
 mean loss over the step's micro-batches):
 
-- ``ours``: the trainer itself (``omni_train.loop.Trainer`` built from the composed Hydra config, stage
+- ``ours``: the trainer itself (``omni_train.loops.supervised.SupervisedLoop`` over a ``Session`` built from the composed Hydra config, stage
   text_pretrain: megatron DDP, megatron's AdamW, distributed optimizer on GPU, clipping at 1.0, per-token
   loss), at world size 1, with the trainer's data source swapped for the benchmark's batches.
 - ``hf_<impl>``: ``Qwen3OmniMoeThinkerForConditionalGeneration`` built from the same sizes (text-only

@@ -56,17 +56,19 @@ def make_batches(spec: dict, vocab_size: int, count: int, device):
     """``count`` micro-batches of seeded random tokens, in the trainer's batch format, on ``device``."""
     import torch
 
+    from omni_train.data.batch import TextBatch
+
     g = torch.Generator().manual_seed(spec["seed"])
     b, s = spec["micro_batch"], spec["seq_length"]
     tokens = torch.randint(0, vocab_size, (count, b, s + 1), generator=g)
     positions = torch.arange(s).expand(3, b, s).contiguous().to(device)
-    return [{
-        "input_ids": t[:, :-1].contiguous().to(device),
-        "labels": t[:, 1:].contiguous().to(device),
-        "loss_mask": torch.ones(b, s, device=device),
-        "position_ids": positions,
-        "keys": [f"bench:{i}:{r}" for r in range(b)],
-    } for i, t in enumerate(tokens)]
+    return [TextBatch(
+        input_ids=t[:, :-1].contiguous().to(device),
+        labels=t[:, 1:].contiguous().to(device),
+        loss_mask=torch.ones(b, s, device=device),
+        position_ids=positions,
+        keys=[f"bench:{i}:{r}" for r in range(b)],
+    ) for i, t in enumerate(tokens)]
 
 
 class FixedBatches:
@@ -121,7 +123,8 @@ def build_ours(variant: str, spec: dict, device):
     from omegaconf import OmegaConf
 
     from omni_train.config import compose, validate_config
-    from omni_train.loop import Trainer
+    from omni_train.loops.supervised import SupervisedLoop
+    from omni_train.session import Session
     from omni_train.parallel.setup import init_parallel
     from omni_train.stages import load_stage
     from omni_media_batches import omni_batches, placeholder_ids  # benchmarks/, this script's folder
@@ -140,7 +143,7 @@ def build_ours(variant: str, spec: dict, device):
     # This process runs one variant: the stage's data source becomes the benchmark's batches.
     load_stage(cfg.stage).build_data = lambda cfg, env: FixedBatches(batches, per_step)
     env = init_parallel(cfg.parallel, device, cfg.trainer.seed)
-    trainer = Trainer(cfg, env, resolved={})
+    trainer = SupervisedLoop(Session(cfg, env, resolved={}))
     label_parts(trainer)
     info = dict(parameters=sum(p.numel() for p in trainer.model.parameters()),
                 tower_parameters=_tower_parameters(trainer.model),
@@ -217,7 +220,7 @@ def build_hf(variant: str, spec: dict, device):
     batches = itertools.cycle(batches)  # the profiled and sync-checked steps come after the timed ones
 
     def micro_step(batch) -> torch.Tensor:
-        if omni:  # media collated and copied to the device each step, as the stage's forward does
+        if omni:  # media copied to the device each step, as the loop does
             inputs = hf_inputs(batch, device)
             labels = inputs.pop("labels")
         else:

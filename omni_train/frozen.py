@@ -34,6 +34,7 @@ class FrozenModel(torch.nn.Module):
         for param in module.parameters():
             param.requires_grad_(False)
         module.eval()
+        self.training = False
 
     def train(self, mode: bool = True) -> "FrozenModel":
         return self  # a stage's model.train() never reaches it

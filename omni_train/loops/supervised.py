@@ -47,6 +47,7 @@ class SupervisedLoop:
         self.preemption: Optional[Preemption] = None  # set by fit(); train_step asks it before each update
         self.stop_requested = False
         self._connected = None
+        self._connect_schedule()
 
     # The session's current phase objects (a phase switch replaces them).
     model = property(lambda self: self.session.model)

@@ -114,7 +114,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, "tests")
 from tests.integration.test_multimodal_stage import _BothRanks, _overrides
 from omni_train.config import compose
-from omni_train.loop import train
+from omni_train.loops import run_stage
 from omni_train.parallel.setup import init_parallel, shutdown_parallel
 from omni_train.stages import multimodal_pretrain
 multimodal_pretrain.STAGE.build_data = lambda cfg, env: _BothRanks(cfg)
@@ -124,7 +124,7 @@ cfg = OmegaConf.to_object(compose(_overrides(synth, "checkpoint.save_every=100",
 torch.set_num_threads(1)  # as each torchrun process: the same summation order in CPU kernels
 env = init_parallel(cfg.parallel, torch.device("cpu"), cfg.trainer.seed)
 try:
-    train(cfg, env)
+    run_stage(cfg, env)
 finally:
     shutdown_parallel()
 """

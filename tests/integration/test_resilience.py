@@ -203,13 +203,13 @@ def _environ(pid: int) -> str:
 # next collective until parallel.collective_timeout_s.
 STALL_RANK1 = """
 import os, sys, time
-from omni_train import loop
-real_step = loop.Trainer.train_step
+from omni_train.loops import supervised
+real_step = supervised.SupervisedLoop.train_step
 def train_step(self):
     if os.environ["RANK"] == "1" and self.state.step == 2:
         time.sleep(600)
     return real_step(self)
-loop.Trainer.train_step = train_step
+supervised.SupervisedLoop.train_step = train_step
 from omni_train.train import main
 sys.argv = ["omni-train"] + sys.argv[1:]
 main()

@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from omni_train.config import compose
-from omni_train.loop import Trainer
+from omni_train.loops.supervised import SupervisedLoop
+from omni_train.session import Session
 from omni_train.parallel.setup import init_parallel, shutdown_parallel
 
 ADAPTER = ("audio_tower.ln_post.", "audio_tower.proj1.", "audio_tower.proj2.")
@@ -50,8 +51,8 @@ def test_audio_align_phases_train_only_their_parameters(suite, tmp_path):
     cfg = _config(suite, run_dir, "trainer.stop_at_step=2")
     env = init_parallel(cfg.parallel, torch.device("cpu"), cfg.trainer.seed)
     try:
-        first = Trainer(cfg, env, {})
-        assert first.phase.name == "adapter"
+        first = SupervisedLoop(Session(cfg, env, {}))
+        assert first.session.phase.name == "adapter"
         initial = {n: p.detach().clone() for n, p in _named(first).items()}
         adapter = {n for n in initial if n.startswith(ADAPTER)}
         audio = {n for n in initial if n.startswith("audio_tower.")}
@@ -64,8 +65,8 @@ def test_audio_align_phases_train_only_their_parameters(suite, tmp_path):
         changed = {n for n, p in named.items() if not torch.equal(p, initial[n])}
         assert changed == adapter
 
-        second = Trainer(_config(suite, run_dir), env, {})  # resume: the boundary checkpoint, phase 2
-        assert second.state.step == 2 and second.phase.name == "encoder"
+        second = SupervisedLoop(Session(_config(suite, run_dir), env, {}))  # resume: the boundary checkpoint, phase 2
+        assert second.state.step == 2 and second.session.phase.name == "encoder"
         named = _named(second)
         assert all(torch.equal(named[n], first_p) for n, first_p in _named(first).items())
         params, _ = _optimized(second)

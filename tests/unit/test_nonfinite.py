@@ -12,12 +12,13 @@ from omni_train.resilience import NonFiniteError
 
 
 def _trainer(tmp_path, *overrides):
-    from omni_train.loop import Trainer
+    from omni_train.loops.supervised import SupervisedLoop
+    from omni_train.session import Session
 
     cfg = OmegaConf.to_object(compose([f"run_dir={tmp_path}", "trainer.max_steps=6", "optim.warmup_steps=1",
                                        *overrides]))
     env = ParallelEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dp_rank=0, dp_size=1)
-    return Trainer(cfg, env, resolved={})
+    return SupervisedLoop(Session(cfg, env, resolved={}))
 
 
 def _snapshot(trainer):
@@ -36,14 +37,15 @@ def _same(a, b) -> bool:
 
 
 def _poison_loss(monkeypatch, trainer):
-    real = trainer.stage.forward
+    stage = trainer.session.stage
+    real = stage.forward
 
-    def forward(model, batch):
-        output, loss_func = real(model, batch)
+    def forward(model, batch, frozen):
+        output, loss_func = real(model, batch, frozen)
         return output * float("nan"), loss_func
 
-    monkeypatch.setattr(trainer.stage, "forward", forward)
-    return lambda: monkeypatch.setattr(trainer.stage, "forward", real)
+    monkeypatch.setattr(stage, "forward", forward)
+    return lambda: monkeypatch.setattr(stage, "forward", real)
 
 
 def test_skip_policy_skips_the_update_and_counts_it(megatron_world1, tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipelines.build import BuildOptions, build  # noqa: E402
 from data_pipelines.sources import ManifestSource  # noqa: E402
 from data_pipelines.synth import draw_image, write_audio, write_video  # noqa: E402
-from omni_train.config import DataConfig, DatasetConfig  # noqa: E402
+from omni_train.config import DatasetConfig, ShardsDataConfig  # noqa: E402
 from omni_train.data import chat as chat_mod  # noqa: E402
 from omni_train.data import decode as decode_mod  # noqa: E402
 from omni_train.data.decode import decode_sample  # noqa: E402
@@ -185,7 +185,7 @@ def steady_packing(docs, seq_length, pad_id, min_sequences=24, seed=0):
 
 
 def end_to_end(paths, tokenizer, n, seq_length, min_sequences=16, max_seconds=60.0):
-    cfg = DataConfig(name="shards", datasets=[DatasetConfig(path=p, weight=1.0) for p in paths],
+    cfg = ShardsDataConfig(datasets=[DatasetConfig(path=p, weight=1.0) for p in paths],
                      tokenizer=tokenizer, num_workers=0, video_fps=VIDEO_FPS)
     src = ShardSource(cfg, seq_length, micro_batch=1, num_micro_batches=1, dp_rank=0, dp_size=1)
     src.next_microbatches()  # warm-up: the packer's open bins fill before the first sequence leaves

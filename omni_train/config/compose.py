@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from omni_train.config.schema import TrainConfig
+from omni_train.config.schema import DATA_SCHEMAS, TrainConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PRIMARY = "config"
@@ -28,8 +28,12 @@ class ConfigError(ValueError):
 
 
 def register_schemas() -> None:
-    """Register the typed schema that conf/config.yaml extends (`defaults: [train_schema, ...]`)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Register the typed schema that conf/config.yaml extends (`defaults: [train_schema, ...]`) and each
+    data source's, which its conf/data/<name>.yaml extends (`defaults: [<name>_schema, _self_]`)."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, schema in DATA_SCHEMAS.items():
+        store.store(group="data", name=f"{name}_schema", node=schema)
 
 
 def _first_line(text: str) -> str:

@@ -174,11 +174,25 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic_text"  # "synthetic_text" | "shards" (conf/data/<name>.yaml)
+    """What every data source has; each source extends it with its own schema (conf/data/<name>.yaml)."""
+
+    name: str = MISSING  # "synthetic_text" | "shards"
     seed: int = 0
-    # synthetic_text: a seeded stream of token sequences with learnable structure
+
+
+@dataclass
+class SyntheticTextDataConfig(DataConfig):
+    """A seeded stream of token sequences with learnable structure (omni_train/data/synthetic_text.py)."""
+
+    name: str = "synthetic_text"
     num_patterns: int = 64
-    # shards: weighted WebDataset datasets, chat-encoded and packed to trainer.seq_length
+
+
+@dataclass
+class ShardsDataConfig(DataConfig):
+    """Weighted WebDataset datasets, chat-encoded and packed to trainer.seq_length (omni_train/data/shards.py)."""
+
+    name: str = "shards"
     datasets: List[DatasetConfig] = field(default_factory=list)
     weight_by: str = "samples"  # "samples" | "tokens"
     tokenizer: Optional[str] = None  # local directory (AutoTokenizer.from_pretrained)
@@ -189,6 +203,10 @@ class DataConfig:
     max_consecutive_failures: int = 100
     max_skip_rate: float = 0.05
     min_samples_for_skip_rate: int = 1000
+
+
+# conf/data/<name>.yaml <-> its schema (registered in Hydra's ConfigStore as data/<name>_schema)
+DATA_SCHEMAS = {"synthetic_text": SyntheticTextDataConfig, "shards": ShardsDataConfig}
 
 
 @dataclass
@@ -319,7 +337,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the chosen source's schema (DATA_SCHEMAS)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stage: StageConfig = MISSING

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from omni_train.config import DataConfig
+from omni_train.config import SyntheticTextDataConfig as DataConfig
 from omni_train.data.synthetic_text import SyntheticTextStream, step_sample_indices
 
 

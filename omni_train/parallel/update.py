@@ -15,7 +15,7 @@ hook torch's AMP GradScaler uses). So here:
 
 The host waits for nothing here: the token count stays on the device, and a non-finite step is skipped by
 the kernel itself (``skip``). The trainer reads the norm on the host once, with the step's other figures,
-while the update runs (loop.py).
+while the update runs (loops/supervised.py).
 """
 
 from __future__ import annotations

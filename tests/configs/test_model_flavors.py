@@ -41,3 +41,15 @@ def test_parameter_counts():
     assert 30.0e9 < total < 31.0e9 and 3.0e9 < active < 3.6e9  # "30B-A3B"
     tiny_total, _ = count_parameters(OmegaConf.to_object(compose([])).model.thinker)
     assert 1e6 < tiny_total < 1e7  # "a few million"
+
+
+def test_every_flavor_composes_with_a_section_per_network():
+    from omni_train.models import NETWORKS, flavors
+
+    found = flavors()
+    assert {"tiny", "tiny_omni", "tiny_gpu", "qwen3_omni_30b_a3b"} <= set(found)
+    for name in found:
+        model = OmegaConf.to_object(compose([f"model={name}"])).model
+        assert model.flavor == name  # the file's name is the flavor's
+        sections = {key for key in ("thinker", "talker") if getattr(model, key) is not None}
+        assert sections <= set(NETWORKS) and "thinker" in sections

@@ -28,15 +28,13 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, get_moe_layer_wise_logging_tracker
-
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.models.common.attention import SDPAttention
 from omni_train.kernels.compiled import fused
 from omni_train.models.common.cross_entropy import cross_entropy
 from omni_train.models.common.grouped_experts import GroupedExperts
 from omni_train.models.common.local_dispatch import OmniMoELayer
-from omni_train.models.common.rotary import InterleavedMRotaryEmbedding, use_fused_rotary
+from omni_train.models.common.rotary import InterleavedMRotaryEmbedding
 
 _LOAD_BALANCING = ("aux_loss", "expert_bias")
 EXPERTS_IMPLS = ("grouped", "sequential")
@@ -201,13 +199,9 @@ def build_thinker_lm(
 ) -> GPTModel:
     """The Thinker MoE LM as a megatron GPTModel with TM-RoPE, on ``device``."""
     device = torch.device(device)
-    # megatron keeps one process-wide tracker of per-layer aux losses, sized by the first model that
-    # logged into it; a second model with more layers in the same process would index past its end.
-    get_moe_layer_wise_logging_tracker().clear()
-    use_fused_rotary()  # megatron's attention rotates queries and keys with rotary.rotate
-    # ... and one process-wide aux-loss gradient scale, whose shape the first training step fixes
-    # (a later model's step fails to copy a [1] scale into a [] one left by another code path).
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    # megatron's process-wide MoE state (aux-loss tracker and gradient scale) is not the builder's: a model
+    # built beside a trained one must not reset it (parallel/process_state.py; the session resets it when
+    # it builds the trained model, init_parallel when megatron's groups start).
     config = build_transformer_config(
         model_cfg,
         parallel_cfg,

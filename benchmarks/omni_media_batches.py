@@ -8,10 +8,10 @@ position ids come from omni_train.models.thinker.rope_index, as the shard loader
 seeded random values of the processor's shapes (``input_features`` [mel, T]; ``pixel_values``
 [t*h*w, 3*tp*p*p] with ``grid_thw`` (1, h, w)): throughput does not depend on their values.
 
-Batches are in the trainer's packed-batch format (omni_train.data.packing.collate_packed): token
-tensors on the device, ``media`` a list of MediaItems holding CPU tensors, as the loader yields them,
-so that the stage's per-step collate and host-to-device copy are timed. Targets are the text tokens
-(media placeholders and markers are never targets, as in the data).
+Batches are the shard loader's (omni_train.data.batch.ShardBatch, one document per row): token tensors on
+the device, ``media`` the towers' inputs collated on the host as the loader yields them, so that the
+loop's per-step host-to-device copy of the media is timed. Targets are the text tokens (media
+placeholders and markers are never targets, as in the data).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Dict, List
 
 import torch
 
+from omni_train.data.batch import shard_batch
 from omni_train.data.chat import MediaItem, build_test_tokenizer
 from omni_train.data.features import num_audio_tokens, vision_num_tokens
-from omni_train.data.media_batch import collate_media
 from omni_train.models.common.tensors import tensors_to
 from omni_train.data.packing import document_modality
 from omni_train.models.thinker.rope_index import tm_rope_position_ids
@@ -98,7 +98,7 @@ def omni_batches(spec: Dict[str, Any], model, ids: Dict[str, int], count: int, d
         media = [item for _, items in rows for item in items]
         positions = torch.stack([tm_rope_position_ids(t[:-1], items, **rope) for t, items in rows], dim=1)
         labels = tokens[:, 1:].contiguous()
-        batches.append({
+        batches.append(shard_batch({
             "input_ids": tokens[:, :-1].contiguous().to(device),
             "labels": labels.to(device),
             "loss_mask": (~torch.isin(labels, special)).float().to(device),
@@ -106,17 +106,17 @@ def omni_batches(spec: Dict[str, Any], model, ids: Dict[str, int], count: int, d
             "document_ids": torch.zeros(b, s, dtype=torch.long, device=device),
             "modality_ids": torch.full((b, s), document_modality(["audio", "image"]), device=device),
             "cu_seqlens": (torch.arange(b + 1, dtype=torch.int32) * s).to(device),
+            "max_seqlen": s,
             "media": media,
             "keys": [f"bench:{i}:{r}" for r in range(b)],
-        })
+        }))
     return batches
 
 
 def hf_inputs(batch: Dict[str, Any], device) -> Dict[str, Any]:
     """transformers' Thinker inputs for a batch of ``omni_batches``: the same tokens, position ids and
-    media (collated and copied to the device each step, as the stage's forward does); labels -100 where
-    the loss mask is 0."""
-    media = tensors_to(collate_media(batch["media"]), device)
+    media (copied to the device each step, as the loop does); labels -100 where the loss mask is 0."""
+    media = tensors_to(batch["media"], device)
     labels = torch.where(batch["loss_mask"] > 0, batch["labels"], torch.full_like(batch["labels"], -100))
     return dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=labels,
                 **{k: v for k, v in media.items() if v is not None})

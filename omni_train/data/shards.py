@@ -1,8 +1,9 @@
 """Packed micro-batches from sharded WebDataset streams, for one data-parallel rank.
 
 shards -> (stream + mixture) -> decode -> chat encode (loss mask on assistant turns) -> pack to
-seq_length -> micro-batches. Its state (loader cursors, packer buffers, sequences packed but not yet
-handed out) goes into the training checkpoint, so a resumed run sees exactly the same batches.
+seq_length -> micro-batches (``data.batch.ShardBatch``: document boundaries kept, media collated into
+the towers' inputs). Its state (loader cursors, packer buffers, sequences packed but not yet handed
+out) goes into the training checkpoint, so a resumed run sees exactly the same batches.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from functools import partial
 from typing import Any, Dict, List
 
 from omni_train.config import DataConfig
+from omni_train.data.batch import ShardBatch, shard_batch
 from omni_train.data.chat import ChatEncoder
 from omni_train.data.decode import decode_sample
 from omni_train.data.mixture import build_loader
@@ -44,15 +46,11 @@ class ShardSource:
             self.ready.extend(self.packer.add(Document.from_encoded(next(self.loader))))
         return self.ready.popleft()
 
-    def next_microbatches(self) -> List[Dict[str, Any]]:
-        batches = []
-        for _ in range(self.num_micro_batches):
-            batch = collate_packed([self._next_sequence() for _ in range(self.micro_batch)])
-            # document_ids, not the [B, 1, L, L] mask: the mask is built on the device (the stage's
-            # forward), which costs the loader nothing and moves L/8 times fewer bytes.
-            batches.append({k: batch[k] for k in ("input_ids", "labels", "loss_mask", "position_ids",
-                                                   "document_ids", "modality_ids", "media", "keys")})
-        return batches
+    def next_microbatches(self) -> List[ShardBatch]:
+        # Document boundaries (cu_seqlens, document_ids), not a [B, 1, L, L] mask: attention works within
+        # documents from them on the device (data/batch.py says what each entry is).
+        return [shard_batch(collate_packed([self._next_sequence() for _ in range(self.micro_batch)]))
+                for _ in range(self.num_micro_batches)]
 
     def state_dict(self) -> Dict[str, Any]:
         return {"loader": self.loader.state_dict(), "packer": self.packer.state_dict(),

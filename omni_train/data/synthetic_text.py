@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from omni_train.config import DataConfig
+from omni_train.data.batch import TextBatch
 
 
 class SyntheticTextStream:
@@ -34,18 +35,18 @@ class SyntheticTextStream:
             total += len(piece)
         return np.concatenate(pieces)[: self.seq_length + 1]
 
-    def batch(self, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def batch(self, indices: Sequence[int]) -> TextBatch:
         tokens = torch.from_numpy(np.stack([self.sample(i) for i in indices])).long()
         input_ids, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         positions = torch.arange(self.seq_length).expand_as(input_ids)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "loss_mask": torch.ones_like(labels, dtype=torch.float32),
+        return TextBatch(
+            input_ids=input_ids,
+            labels=labels,
+            loss_mask=torch.ones_like(labels, dtype=torch.float32),
             # Text: temporal, height and width position ids are equal (TM-RoPE reduces to 1D RoPE).
-            "position_ids": positions.unsqueeze(0).expand(3, -1, -1).contiguous(),
-            "keys": [f"synthetic:{i}" for i in indices],  # named in non-finite step reports
-        }
+            position_ids=positions.unsqueeze(0).expand(3, -1, -1).contiguous(),
+            keys=[f"synthetic:{i}" for i in indices],  # named in non-finite step reports
+        )
 
 
 def step_sample_indices(step: int, global_batch: int, dp_rank: int, dp_size: int,
@@ -69,7 +70,7 @@ class SyntheticTextSource:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.step = 0
 
-    def next_microbatches(self) -> List[Dict[str, torch.Tensor]]:
+    def next_microbatches(self) -> List[TextBatch]:
         micro = step_sample_indices(self.step, self.global_batch, self.dp_rank, self.dp_size,
                                     self.micro_batch)
         self.step += 1

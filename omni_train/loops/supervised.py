@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from omni_train.models.common.tensors import tensors_to as to_device  # TODO data.batch
+from omni_train.data.batch import to_device
 from omni_train.loops.report import LossReport
 from omni_train.metrics import peak_memory_gib
 from omni_train.parallel.context_parallel import split_for_context_parallel

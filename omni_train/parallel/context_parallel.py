@@ -5,12 +5,20 @@ of length S is cut into 2 * cp_size equal chunks; CP rank r holds chunks r and 2
 concatenated in that order. Under causal attention, early chunks are cheap and late chunks are
 expensive, so every rank gets one of each and the work is balanced. S must divide by 2 * cp_size.
 
-What is split, what is not:
-    input_ids, labels, loss_mask  [B, S]     -> [B, S / cp_size]  (this rank's two chunks)
+What is split, what is not (the batch kinds of ``data/batch.py``):
+    input_ids, labels, loss_mask,
+    modality_ids                  [B, S]     -> [B, S / cp_size]  (this rank's two chunks)
     position_ids                  [3, B, S]  -> unchanged (FULL sequence): the rotary module computes
                                                angles for all S positions and keeps this rank's
                                                chunks itself (``models/common/rotary.py``), as megatron's
                                                GPTModel expects of ``rotary_pos_emb``.
+    document_ids                  [B, S]     -> unchanged: attention builds the full-sequence document
+                                               mask from them and takes this rank's query rows of it
+                                               (``models/common/attention.py``).
+    cu_seqlens, max_seqlen                   -> unchanged: they describe the full rows and are unused
+                                               under CP (slicing the tokens would not slice them).
+    media, media_sizes, keys                 -> unchanged (per item, not per token).
+A tensor entry not named here is an error under CP rather than passed on uncut.
 The per-token loss the model returns is then [B, S / cp_size]; summing it (and the loss mask) over
 CP ranks gives the full-sequence sums, and parameter gradients are summed over the data-parallel x
 context-parallel group (megatron's DDP / finalize_model_grads do this).
@@ -24,7 +32,8 @@ import torch
 
 # Keys of a micro-batch holding one value per token, sequence in the last dim.
 PER_TOKEN_KEYS = ("input_ids", "labels", "loss_mask", "modality_ids")
-FULL_SEQUENCE_KEYS = ("position_ids",)
+# Tensors every CP rank keeps whole (see the module docstring).
+FULL_SEQUENCE_KEYS = ("position_ids", "document_ids", "cu_seqlens")
 
 
 def zigzag_chunks(cp_rank: int, cp_size: int) -> Tuple[int, int]:
@@ -52,10 +61,16 @@ def split_for_context_parallel(batch: Dict, cp_rank: int, cp_size: int) -> Dict:
     """This CP rank's share of a micro-batch (see the module docstring). Identity when cp_size == 1.
 
     Per-token tensors (``PER_TOKEN_KEYS``, [B, S]) are cut to this rank's two chunks along the last
-    dim; ``position_ids`` stays full; any other entry is passed through untouched.
+    dim; ``FULL_SEQUENCE_KEYS`` stay whole; other tensors are refused (nothing is passed on uncut by
+    accident); entries that are not tensors (numbers, lists, media dicts) are passed through.
     """
     if cp_size == 1:
         return batch
+    unknown = [k for k, v in batch.items()
+               if torch.is_tensor(v) and k not in PER_TOKEN_KEYS and k not in FULL_SEQUENCE_KEYS]
+    if unknown:
+        raise ValueError(f"split_for_context_parallel: batch tensors {unknown} are neither per-token nor "
+                         "full-sequence (PER_TOKEN_KEYS / FULL_SEQUENCE_KEYS)")
     out = dict(batch)
     for key in PER_TOKEN_KEYS:
         value = batch.get(key)

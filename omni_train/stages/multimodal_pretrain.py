@@ -16,7 +16,6 @@ from megatron.core.utils import unwrap_model
 
 from omni_train.data import build_source
 from omni_train.data.chat import ChatEncoder
-from omni_train.data.media_batch import collate_media
 from omni_train.losses.lm import masked_token_loss
 from omni_train.models.common.attention import document_attention
 from omni_train.models.common.init import init_layout_independent
@@ -33,6 +32,8 @@ def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
         raise NotImplementedError("multimodal_pretrain runs without pipeline stages (parallel.pp=1)")
     if not cfg.model.thinker.towers:
         raise ValueError("model.thinker.towers: multimodal_pretrain needs a model with towers (e.g. model=tiny_omni)")
+    if cfg.data.name != "shards":
+        raise ValueError("data.name: multimodal_pretrain reads media from shards (data=shards)")
     if cfg.data.tokenizer is None:
         raise ValueError("data.tokenizer: multimodal_pretrain takes its placeholder ids from the tokenizer")
     token_ids = ChatEncoder.from_pretrained(cfg.data.tokenizer).ids
@@ -53,8 +54,9 @@ def build_data(cfg, env):
 
 def forward(model, batch, frozen=None):
     device = batch["input_ids"].device
-    # collated on the host; the towers' plans are worked out there before the copy (no syncs in them)
-    media = unwrap_model(model).prepare_media(collate_media(batch.get("media") or []), device)
+    # media: the towers' inputs, collated by the loader and copied with the batch (data/batch.py); their
+    # plans are worked out from media_sizes, which stays on the host (no syncs in them)
+    media = unwrap_model(model).prepare_media(batch["media"], batch["media_sizes"], device)
     per_token_loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
                            **document_attention(batch), **media)
     return per_token_loss, partial(masked_token_loss, loss_mask=batch["loss_mask"],

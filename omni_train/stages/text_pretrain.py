@@ -25,7 +25,7 @@ def build_data(cfg, env):
 
 
 def forward(model, batch, frozen=None):
-    # Packed shard batches say which document each token belongs to; attention stays inside it.
+    # Packed shard batches carry their documents' boundaries; attention stays inside each document.
     # (The synthetic stream is one document per row: plain causal attention.)
     per_token_loss = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"],
                            **document_attention(batch))

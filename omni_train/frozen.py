@@ -58,24 +58,36 @@ def source_model_config(source: Path, fallback: ModelConfig) -> ModelConfig:
 
 
 def build_frozen_model(spec: FrozenModelConfig, cfg: TrainConfig, build: Callable[[TrainConfig], torch.nn.Module],
-                       run_dir: Path, load_hf: Optional[Callable] = None) -> FrozenModel:
+                       run_dir: Path, device: torch.device, dtype: torch.dtype,
+                       load_hf: Optional[Callable] = None) -> FrozenModel:
     """``build(cfg)`` -> the stage's model for config ``cfg`` (this rank's pieces), loaded from
-    ``spec.source``."""
+    ``spec.source``; ``load_hf(dir, cfg)`` imports a Hugging Face directory (default: the Thinker's import,
+    in fp32 on the CPU, then moved to ``device`` and ``dtype``)."""
     with preserved_rng():
         if spec.source == "init":
             module = build(cfg)
             if cfg.init_from:
                 load_model_weights(resolve_init_from(cfg.init_from, run_dir), module)
         elif spec.source.startswith("hf:"):
-            if load_hf is None:
-                raise ValueError(f"stage.frozen_models[{spec.name}].source={spec.source}: this stage's "
-                                 "model cannot be imported from a Hugging Face directory")
-            module = load_hf(Path(spec.source.removeprefix("hf:")), cfg, build)
+            module = (load_hf or import_hf_in_memory)(Path(spec.source.removeprefix("hf:")), cfg)
+            module = module.to(device=device, dtype=dtype)
         else:
             checkpoint = resolve_init_from(spec.source, run_dir)
             module = build(replace(cfg, model=source_model_config(checkpoint, cfg.model)))
             load_model_weights(checkpoint, module)
     return FrozenModel(spec.name, module)
+
+
+def import_hf_in_memory(hf_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
+    """A Hugging Face directory (Qwen3-Omni, or Qwen3-MoE for a text stage) imported into this rank's piece
+    of our model as `omni-convert import` fills it, without writing a checkpoint: the LM through the
+    bridge table (per-expert weights), the towers by name when the stage's model has them."""
+    from omni_train.export.verify import detect_source, import_in_memory
+
+    if not Path(hf_dir).is_dir():
+        raise FileNotFoundError(f"frozen model source hf:{hf_dir}: not a directory")
+    return import_in_memory(Path(hf_dir), detect_source(hf_dir), cfg.parallel,
+                            with_towers=cfg.model.thinker.towers)
 
 
 def frozen_state_dicts(frozen: Dict[str, FrozenModel], specs) -> Dict[str, torch.nn.Module]:

@@ -87,8 +87,7 @@ class Session:
     def _build_frozen(self) -> Dict[str, FrozenModel]:
         frozen = {}
         for spec in self.cfg.stage.frozen_models:
-            model = build_frozen_model(spec, self.cfg, self.build_model, self.run_dir,
-                                       getattr(self.stage, "load_hf", None))
+            model = build_frozen_model(spec, self.cfg, self.build_model, self.run_dir, self.env.device, self.dtype)
             frozen[spec.name] = model
             self.load_trackers[spec.name] = ExpertLoadTracker(model)
             params = sum(p.numel() for p in model.parameters())

@@ -151,3 +151,32 @@ def _tensor_keys(checkpoint):
     from torch.distributed.checkpoint import FileSystemReader
 
     return set(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+
+
+def test_teacher_from_a_hugging_face_directory_equals_transformers(tmp_path):
+    """``source: hf:<dir>``: a Qwen3-MoE teacher imported in memory gives transformers' logits."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(vocab_size=1024, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                            num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False,
+                            rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+    torch.manual_seed(0)
+    reference = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.05)
+    reference.save_pretrained(tmp_path / "teacher")
+    cfg = _config(tmp_path / "run", f"stage.frozen_models=[{{name: teacher, source: 'hf:{tmp_path / 'teacher'}'}}]")
+    env = init_parallel(cfg.parallel, torch.device("cpu"), cfg.trainer.seed)
+    try:
+        teacher = Session(cfg, env, resolved={}).frozen["teacher"]
+        ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(24).expand(3, 2, 24)
+        ours = teacher(ids, positions, attention_mask=None)
+        with torch.no_grad():
+            theirs = reference(ids).logits
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() < 1e-5
+    finally:
+        shutdown_parallel()

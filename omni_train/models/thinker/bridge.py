@@ -223,6 +223,12 @@ def model_config_from_hf(text_config: dict) -> ThinkerConfig:
     Fields the Thinker LM cannot represent raise ValueError naming the field.
     """
     _check_supported(text_config)
+    if "num_experts" not in text_config and "num_local_experts" in text_config:
+        # transformers 5 writes Qwen3-MoE's expert count under this name; released config.json files do not
+        text_config = dict(text_config, num_experts=text_config["num_local_experts"])
+    if text_config.get("num_experts_per_tok") == 1:
+        raise ValueError("text_config.num_experts_per_tok=1 is not supported: megatron-core's softmax router "
+                         "needs top-k >= 2 for Qwen3's routing (softmax over all experts, then top-k)")
     for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                   "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
         if field not in text_config:

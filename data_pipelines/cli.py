@@ -13,6 +13,7 @@ import json
 import sys
 
 from data_pipelines.build import BuildOptions, format_error
+from omni_train.compat import quiet_library_warnings
 
 
 def _add_build_options(parser, samples_per_shard):
@@ -149,6 +150,7 @@ def run_synth_suite(args):
 
 
 def main(argv=None):
+    quiet_library_warnings()
     args = make_parser().parse_args(argv)
     try:
         return {"build": run_build, "validate": run_validate, "stats": run_stats, "synth": run_synth,

@@ -7,11 +7,13 @@ this entry point again with launcher=local.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-import warnings
 from typing import List
+
+from omni_train.compat import quiet_library_warnings
+
+quiet_library_warnings()  # before megatron is imported: `python -m omni_train.train` (torchrun workers)
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -54,16 +56,7 @@ def dry_run_world_size(cfg) -> int:
     return cfg.dry_run_world_size
 
 
-def _quiet_libraries() -> None:
-    """megatron-core logs every parameter name at INFO and warns that TE/Apex are absent on import."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|scope is deprecated).*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def run(cfg: DictConfig) -> None:
-    _quiet_libraries()
     train_cfg: TrainConfig = OmegaConf.to_object(cfg)
     if train_cfg.dry_run:
         from omni_train.planning.dry_run import print_dry_run
@@ -88,6 +81,7 @@ hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="config", version
 
 
 def main() -> None:
+    quiet_library_warnings()
     try:
         cfg = preflight(sys.argv[1:])
     except ConfigError as exc:

@@ -15,21 +15,27 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def megatron_world1():
+def library_patches():
+    """The run-time patches of megatron-core, torch and transformers (omni_train/compat/), as init_parallel
+    applies them, for tests that build models without it."""
+    from omni_train import compat
+
+    compat.apply_all("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def megatron_world1(library_patches):
     """Initialize gloo (world size 1), megatron parallel_state and its RNG; tear down after the test."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from omni_train.parallel.cpu_shim import apply_cpu_shim
-    from omni_train.parallel.without_te import apply_without_te
+    from omni_train.parallel.process_state import reset_moe_aux_state
 
-    apply_without_te()
-    if not torch.cuda.is_available():
-        apply_cpu_shim()
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
+    reset_moe_aux_state()
     model_parallel_cuda_manual_seed(1234)
     try:
         yield

@@ -28,9 +28,6 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from omni_train.checkpoint import safe_load
 
-# Every checkpoint this process reads (resume, init_from, export) goes through the restricted readers.
-safe_load.apply()
-
 MARKER = "omni_train.json"
 # How megatron's distributed optimizer lays out its state in a checkpoint. "dp_reshardable" (each
 # data-parallel rank's shard, reshardable to another dp size); megatron-core 0.16.1's default
@@ -184,6 +181,7 @@ class CheckpointManager:
 
     def load(self, path: Path, model, optimizer, scheduler, data, frozen=None) -> TrainState:
         """Restore everything (resume), data loader position included. Returns the saved TrainState."""
+        safe_load.apply()  # our data classes (in the data state) on the restricted readers' allowlist
         if optimizer is not None:
             _prime_distributed_optimizer(optimizer)
         state = self._sharded_state(model, optimizer, data, is_loading=True, frozen=frozen)
@@ -220,6 +218,7 @@ def _prime_distributed_optimizer(optimizer) -> None:
 
 def load_model_weights(path: Path, model) -> None:
     """Stage hand-off: take only the model weights of another checkpoint."""
+    safe_load.apply()
     module = _unwrap(model)
     loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
     module.load_state_dict(loaded["model"])

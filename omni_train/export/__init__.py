@@ -1,5 +1,3 @@
-"""Conversion between HF Qwen3-Omni / Qwen3-MoE checkpoints and our megatron dist checkpoints."""
-
-from omni_train.export.convert import export_hf, import_hf, main
-
-__all__ = ["export_hf", "import_hf", "main"]
+"""Conversion between HF Qwen3-Omni / Qwen3-MoE checkpoints and our megatron dist checkpoints
+(convert.py: `omni-convert import|export|verify|generate`; verify.py; from_run.py; hf_io.py). Nothing is
+imported here, so `python -m omni_train.export.convert` runs the module once."""

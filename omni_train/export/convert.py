@@ -3,6 +3,7 @@
     omni-convert import HF_DIR OUT_CKPT [--tp N --pp N --ep N] [--from-qwen3-moe]   (torchrun for N > 1)
     omni-convert export CKPT OUT_HF_DIR [--max-shard-mb MB]
     omni-convert generate OUT_HF_DIR --prompt TEXT [--max-new-tokens N] [--image F] [--audio F] [--no-stop]
+    omni-convert verify HF_DIR [--tp N --ep N] [--atol X]                          (torchrun for N > 1)
 
 Import builds the Thinker LM for the layout (on "meta", then empty CPU storage: no random init), fills each
 rank's shards from the HF tensors it needs, one HF tensor at a time, and writes a dist checkpoint:
@@ -23,6 +24,10 @@ import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+from omni_train.compat import quiet_library_warnings
+
+quiet_library_warnings()  # before megatron is imported: `python -m omni_train.export.convert` (the pipeline)
 
 import torch
 import torch.distributed as dist
@@ -398,6 +403,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", type=Path, help="an image file shown before the prompt")
     gen.add_argument("--audio", type=Path, help="an audio file played before the prompt")
     gen.add_argument("--no-stop", action="store_true", help="do not stop at <|im_end|>")
+    ver = sub.add_parser("verify", help="import in memory, compare logits with transformers' (verify.py)")
+    ver.add_argument("hf_dir", type=Path)
+    for flag in ("--tp", "--ep"):
+        ver.add_argument(flag, type=int, default=1)
+    ver.add_argument("--atol", type=float, default=1e-4, help="largest max |logit difference| (fp32)")
+    ver.set_defaults(pp=1)  # the towers and the comparison need the whole model on every pipeline rank
     return parser
 
 
@@ -413,17 +424,22 @@ def _generate(args) -> None:
 
 
 def main(argv=None) -> None:
+    quiet_library_warnings()
     from omni_train.parallel.setup import init_parallel, shutdown_parallel
 
     args = _parser().parse_args(argv)
     if args.command == "generate":  # transformers alone: no process group
         return _generate(args)
     layout = ParallelConfig(backend="gloo")
-    if args.command == "import":
+    if args.command in ("import", "verify"):
         layout = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, backend="gloo",
                                 sequence_parallel=args.tp > 1)  # megatron: MoE + TP needs SP
     init_parallel(layout, torch.device("cpu"), seed=0)
     try:
+        if args.command == "verify":
+            from omni_train.export.verify import run_cli
+
+            return run_cli(args, layout)
         if args.command == "import":
             source = "qwen3_moe" if args.from_qwen3_moe else "qwen3_omni_moe"
             out = import_hf(args.hf_dir, args.out_ckpt, layout, source)

@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from omni_train import compat
 from omni_train.config import ParallelConfig
-from omni_train.parallel.without_te import apply_without_te
+from omni_train.parallel.process_state import reset_moe_aux_state
 
 
 @dataclass
@@ -39,13 +40,10 @@ def choose_device(device: str) -> torch.device:
 
 
 def init_parallel(cfg: ParallelConfig, device: torch.device, seed: int) -> ParallelEnv:
-    """Start torch.distributed (one process if not launched by torchrun) and megatron's groups."""
-    apply_without_te()
-    if device.type == "cpu":
-        from omni_train.parallel.cpu_shim import apply_cpu_shim
-
-        apply_cpu_shim()
-    else:
+    """Apply the library patches (omni_train/compat/), then start torch.distributed (one process if not
+    launched by torchrun) and megatron's groups."""
+    compat.apply_all(device.type)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -64,6 +62,7 @@ def init_parallel(cfg: ParallelConfig, device: torch.device, seed: int) -> Paral
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+    reset_moe_aux_state()  # a fresh world: nothing of an earlier one's MoE aux-loss state
     return ParallelEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),

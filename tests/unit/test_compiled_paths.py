@@ -10,7 +10,7 @@ from megatron.core.transformer import attention
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.kernels.compiled import compiled
 from omni_train.models.common.local_dispatch import sum_copies
-from omni_train.models.common.rotary import apply_rotary_pos_emb, rotate
+from omni_train.compat.megatron_rotary import apply_rotary_pos_emb, rotate
 from omni_train.models.thinker.lm import RMSNorm, build_thinker_lm, rms_norm
 
 TINY = ThinkerConfig(

@@ -23,13 +23,12 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
+from omni_train import compat
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.models.common.attention import SDPAttention
 from omni_train.models.common.init import init_layout_independent
 from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.parallel.context_parallel import slice_for_cp_rank, split_for_context_parallel
-from omni_train.parallel.cpu_shim import apply_cpu_shim
-from omni_train.parallel.without_te import apply_without_te
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) test")
@@ -127,8 +126,7 @@ def check_thinker_lm(cp_rank: int):
 def _worker(rank: int, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    apply_without_te()
-    apply_cpu_shim()
+    compat.apply_all("cpu")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         init_megatron(cp=CP)

@@ -1,4 +1,4 @@
-"""megatron-core on CPU + gloo through omni_train.parallel.cpu_shim: model, DDP, optimizer with
+"""megatron-core on CPU + gloo through omni_train/compat/megatron_cpu.py: model, DDP, optimizer with
 gradient clipping, alltoall expert parallelism, tensor parallelism and dist_checkpointing, at world
 size 1 and 2 (two spawned processes)."""
 
@@ -18,10 +18,9 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from omni_train import compat
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.models.thinker.lm import build_thinker_lm, describe_shards
-from omni_train.parallel.cpu_shim import apply_cpu_shim
-from omni_train.parallel.without_te import apply_without_te
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only shim")
 
@@ -158,10 +157,7 @@ def test_rng_tracker_forks_cpu_state(megatron_world1):
     assert not torch.equal(a, b)  # the forked stream advanced
 
 
-def test_apply_is_idempotent():
-    apply_cpu_shim()
-    apply_cpu_shim()
-    apply_without_te()
+def test_router_runs_without_transformer_engine(library_patches):
     from megatron.core.transformer.moe import moe_utils
 
     assert moe_utils.te_general_gemm is None
@@ -174,8 +170,7 @@ def test_apply_is_idempotent():
 def _worker(rank: int, port: int, ckpt_root: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    apply_without_te()
-    apply_cpu_shim()
+    compat.apply_all("cpu")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         _expert_parallel_alltoall(rank, ckpt_root)

@@ -11,7 +11,6 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-from omni_train.checkpoint import manager  # noqa: F401  (importing it puts the restricted readers in place)
 from omni_train.checkpoint.manager import _rng_state
 from omni_train.data.decode import decode_sample
 from omni_train.data.errors import SampleError

@@ -1,4 +1,4 @@
-"""transformers' Qwen3-Omni towers as omni-train runs them: attention through models/common/tower_attention.py
+"""transformers' Qwen3-Omni towers as omni-train runs them: attention through compat/transformers_attention.py
 (one varlen call per layer on CUDA; here SDPA per window), the sizes-derived inputs precomputed on the host
 (models/thinker/tower_plan.py), and the thinker's sync-free scatter of tower outputs. Each against transformers'
 own SDPA path or torch's masked_scatter."""
@@ -14,8 +14,8 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeVisionEncoder,
 )
 
+from omni_train.compat import transformers_attention as tower_attention
 from omni_train.config.schema import ThinkerConfig
-from omni_train.models.common import tower_attention
 from omni_train.models.thinker import tower_plan
 from omni_train.models.thinker.omni import _build_tower, _scatter
 
@@ -28,6 +28,11 @@ LM = ThinkerConfig(
     mrope_section=[4, 2, 2],
 )
 CONFIG = tiny_hf_thinker_config(LM)
+
+
+@pytest.fixture(autouse=True)
+def _tower_attention_registered(library_patches):
+    """compat.apply_all registers tower_attention.NAME with transformers (init_parallel does in a run)."""
 
 
 def _audio_inputs():

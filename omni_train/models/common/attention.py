@@ -30,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.bias import causal_lower_right
 
-from omni_train.models.common.tower_attention import uses_flash_kernel, varlen_kernel
+from omni_train.compat.transformers_attention import uses_flash_kernel, varlen_kernel
 from omni_train.parallel.context_parallel import slice_for_cp_rank, zigzag_chunks
 
 
@@ -205,21 +205,25 @@ def segment_attention_mask(cu_seqlens: torch.Tensor, batch: int, length: int) ->
 
 
 def document_attention(batch: dict) -> dict:
-    """The model's attention keyword arguments for a micro-batch: a packed batch (``document_ids``) with its
-    document boundaries (``cu_seqlens``, ``max_seqlen`` from data.packing) as megatron ``PackedSeqParams``
-    (SDPAttention then attends within documents without an [S, S] mask: varlen flash attention on CUDA)
-    unless context parallel is on, where it gets the documents' boolean mask; nothing for rows that are
-    one document each (plain causal attention)."""
+    """The model's attention keyword arguments for a micro-batch. A packed batch (``document_ids``,
+    data.batch.ShardBatch) attends within its documents: at cp=1 through their boundaries (``cu_seqlens``,
+    ``max_seqlen``) as megatron ``PackedSeqParams``, with no [B, 1, L, L] mask (varlen flash attention on
+    CUDA); under context parallelism through the documents' boolean mask, built from the full-sequence
+    ``document_ids`` (the boundaries are then unused). Rows that are one document each (no
+    ``document_ids``): plain causal attention."""
     documents = batch.get("document_ids")
     if documents is None:
         return {"attention_mask": None}
-    cu = batch.get("cu_seqlens")
-    if cu is not None and parallel_state.get_context_parallel_world_size() == 1:
-        longest = batch.get("max_seqlen")
-        return {"attention_mask": None,
-                "packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                     max_seqlen_q=longest, max_seqlen_kv=longest)}
-    return {"attention_mask": document_attention_mask(documents)}
+    if parallel_state.get_context_parallel_world_size() > 1:
+        return {"attention_mask": document_attention_mask(documents)}
+    # A packed batch without its boundaries would silently fall back to the dense mask (1 GiB per 32k row).
+    missing = [k for k in ("cu_seqlens", "max_seqlen") if batch.get(k) is None]
+    if missing:
+        raise KeyError(f"packed batch (document_ids) without {missing}: see omni_train/data/batch.py")
+    cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+    return {"attention_mask": None,
+            "packed_seq_params": PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                 max_seqlen_q=longest, max_seqlen_kv=longest)}
 
 
 def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,7 @@ This is the layout of transformers' Qwen3-Omni thinker (``interleaved: True``); 
 ``MultimodalRotaryEmbedding`` takes contiguous sections instead, so GPTModel's ``rotary_pos_emb`` is
 replaced by this module (same call signature as megatron's mrope path).
 
-The rotation itself (``rotate``) is megatron's unfused formula as one function, compiled on CUDA into one
-kernel forward and one backward. megatron's own fused path needs Transformer Engine (and takes no mRoPE at
-batch size > 1); its unfused one launches six elementwise kernels per call over the query or key, ~3.5 ms
-a step at the 30B-A3B width on an H100. ``use_fused_rotary`` points megatron's attention at it.
+The rotation itself is megatron's attention's; compat/megatron_rotary.py gives it one compiled kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from omni_train.kernels.compiled import fused
 from omni_train.parallel.context_parallel import slice_for_cp_rank
 
 
@@ -83,34 +79,3 @@ class InterleavedMRotaryEmbedding(torch.nn.Module):
             # megatron's get_pos_emb_on_this_cp_rank (same zigzag chunks) pins host memory: no CPU.
             emb = slice_for_cp_rank(emb, 0, cp_group.rank(), cp_group.size())
         return emb
-
-
-def rotate(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """``t`` [s, b, heads, d] rotated by the angles ``freqs`` [s, b, 1, d] (rotate-half pairing): the same
-    operations as megatron's ``_apply_rotary_pos_emb_bshd`` with the rotary dimension equal to ``d``, no
-    interleaving and mscale 1 (cos and sin rounded to ``t``'s dtype as there)."""
-    cos = torch.cos(freqs).to(t.dtype)
-    sin = torch.sin(freqs).to(t.dtype)
-    first, second = torch.chunk(t, 2, dim=-1)
-    return t * cos + torch.cat((-second, first), dim=-1) * sin
-
-
-def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale: float = 1.0, cp_group=None):
-    """megatron's ``apply_rotary_pos_emb`` (same signature), through ``rotate`` where that computes the
-    same thing; every other case (packed THD, interleaved, partial rotary, MLA, mscale) goes to megatron."""
-    if (cu_seqlens is None and not config.apply_rope_fusion and not config.rotary_interleaved
-            and not config.multi_latent_attention and mscale == 1.0 and freqs.shape[-1] == t.shape[-1]):
-        return fused(rotate, t.device, dynamic=False)(t, freqs)
-    return _MEGATRON_APPLY[0](t, freqs, config=config, cu_seqlens=cu_seqlens, mscale=mscale, cp_group=cp_group)
-
-
-_MEGATRON_APPLY: List = []
-
-
-def use_fused_rotary() -> None:
-    """Point megatron's self-attention at ``apply_rotary_pos_emb`` above. Idempotent."""
-    from megatron.core.transformer import attention
-
-    if attention.apply_rotary_pos_emb is not apply_rotary_pos_emb:
-        _MEGATRON_APPLY[:] = [attention.apply_rotary_pos_emb]
-        attention.apply_rotary_pos_emb = apply_rotary_pos_emb

@@ -53,9 +53,9 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+from omni_train.compat import transformers_attention
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.models.common.tensors import tensors_to
-from omni_train.models.common import tower_attention
 from omni_train.models.thinker import tower_plan
 from omni_train.kernels.compiled import triton_available
 from omni_train.models.thinker.lm import build_thinker_lm
@@ -210,22 +210,36 @@ class OmniThinker(torch.nn.Module):
         out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=grid_thw, **(plan or {}))
         return out.pooler_output, list(out.deepstack_features)
 
-    def prepare_media(self, media, device) -> dict:
-        """Tower inputs (``data.media_batch.collate_media``: CPU tensors or None) -> forward's keyword
-        arguments on ``device``, with each tower's plan (``models/thinker/tower_plan.py``) worked out on the host
-        first, so that the towers never read a device tensor on the host."""
+    def prepare_media(self, media, sizes, device) -> dict:
+        """The towers' inputs (``data.batch.MediaInputs``: tensors or None, on ``device`` already or still
+        on the host) -> forward's keyword arguments on ``device``, with each tower's plan
+        (``models/thinker/tower_plan.py``) worked out on the host from ``sizes`` (``data.batch.MediaSizes``:
+        host tensors), so that the towers never read a device tensor on the host."""
         plans = {}
         if media.get("input_features") is not None:
-            mask = media.get("feature_attention_mask")
-            if mask is None:
-                n, _, t = media["input_features"].shape
-                mask = torch.ones(n, t, dtype=torch.long)
-            plans["audio_plan"] = tower_plan.audio_plan(self.audio_tower, media["input_features"], mask)
+            plans["audio_plan"] = self._audio_plan(media["input_features"], sizes.get("feature_attention_mask"),
+                                                   device)
         for grid, key in (("image_grid_thw", "image_plan"), ("video_grid_thw", "video_plan")):
-            if media.get(grid) is not None:
-                plans[key] = tower_plan.vision_plan(self.visual, media[grid])
+            if sizes.get(grid) is not None:
+                plans[key] = tower_plan.vision_plan(self.visual, sizes[grid])
         return {**tensors_to(media, device),
                 **{key: plan if plan is None else tensors_to(plan, device) for key, plan in plans.items()}}
+
+    def _audio_plan(self, input_features, feature_attention_mask, device) -> Optional[dict]:
+        """``tower_plan.audio_plan`` without reading the features on the host: the plan is made for the
+        frames' numbers (1.., 0 where a chunk is padded), whose padded chunks then gather the features
+        on the device. The same values as chunking the features themselves; only sizes are read."""
+        n, _, t = input_features.shape
+        mask = torch.ones(n, t, dtype=torch.long) if feature_attention_mask is None else feature_attention_mask
+        plan = tower_plan.audio_plan(self.audio_tower, torch.arange(1, n * t + 1).view(n, 1, t), mask)
+        if plan is None:
+            return None
+        frame = plan.pop("padded_feature")[:, 0]  # [chunks, longest chunk]
+        features = input_features.to(device, non_blocking=True).permute(0, 2, 1).reshape(n * t, -1)
+        features = torch.cat([features.new_zeros(1, features.shape[1]), features])
+        index = frame.reshape(-1).to(device, non_blocking=True)
+        padded = features.index_select(0, index).view(*frame.shape, -1).permute(0, 2, 1)  # [chunks, mel, len]
+        return {**plan, "padded_feature": padded}
 
     # ----- forward ----------------------------------------------------------------------------------
 
@@ -332,16 +346,25 @@ def compile_layers(tower: torch.nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
+def _check_registered(attn_implementation: str) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if attn_implementation not in ALL_ATTENTION_FUNCTIONS:
+        raise RuntimeError(f"tower attention {attn_implementation!r} is not registered with transformers: "
+                           f"call omni_train.compat.apply_all(device_type) first (init_parallel does)")
+
+
 def _build_tower(cls, config, device, params_dtype, attn_implementation):
     config = copy.deepcopy(config)
-    ours = attn_implementation == tower_attention.NAME
+    ours = attn_implementation == transformers_attention.NAME
+    if ours:
+        _check_registered(attn_implementation)
     # transformers would look for a flash-attention package for a name holding "flash": built with SDPA,
     # the towers' attention layers read the name from their (shared) config at each call
     config._attn_implementation = "sdpa" if ours else attn_implementation
     with torch.device(device):
         tower = cls(config)
     if ours:
-        tower_attention.register()
         tower.config._attn_implementation = attn_implementation
     return tower.to(dtype=params_dtype)
 
@@ -353,12 +376,12 @@ def build_omni_thinker(
     *,
     device: Union[torch.device, str],
     params_dtype: torch.dtype,
-    attn_implementation: str = tower_attention.NAME,
+    attn_implementation: str = transformers_attention.NAME,
     recompute: str = "none",
 ) -> OmniThinker:
     """Towers from the HF thinker config (a Qwen3OmniMoeThinkerConfig or its dict: ``audio_config``,
     ``vision_config`` and the placeholder token ids), the LM from ``model_cfg`` (its text_config is not
-    read). Tower attention: ``models/common/tower_attention.py`` (varlen flash attention on CUDA, no host sync per
+    read). Tower attention: ``compat/transformers_attention.py`` (varlen flash attention on CUDA, no host sync per
     layer), or a transformers ``attn_implementation`` ("sdpa", "eager"). ``recompute="full"`` recomputes
     the LM's decoder layers and the towers' blocks (transformers' gradient checkpointing) in backward."""
     _check_layout(parallel_cfg)

@@ -9,16 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-
-def apply_without_te() -> None:
-    """moe_utils.RouterGatingLinearFunction reads the module global ``te_general_gemm``, which is only
-    bound when Transformer Engine imports, so every MoE router forward raises NameError without it.
-    Binding it to None selects megatron's own plain torch.mm branch. Idempotent; a no-op with TE."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    _multi_tensor_ops()
+from omni_train.compat.registry import Patch
 
 
 def foreach_l2_norm(chunk_size: int, noop_flag, tensor_lists: Sequence[List[torch.Tensor]], per_tensor: bool,
@@ -62,9 +53,17 @@ def clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad
         torch._foreach_mul_(grads, clip_coeff)
 
 
-def _multi_tensor_ops() -> None:
-    """Without Apex or TE, megatron's optimizer and gradient clipping fall back to per-tensor loops with a
-    host sync per parameter (megatron.core.utils.local_multi_tensor_*); use torch's multi-tensor ops."""
+def bind_router_gemm() -> None:
+    """Bind ``moe_utils.te_general_gemm`` to None where TE did not bind it (a no-op with TE)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def use_foreach_multi_tensor_ops() -> None:
+    """Point megatron's optimizer and grad-norm at ``foreach_l2_norm`` / ``foreach_scale`` where megatron
+    chose its own per-tensor fallback (an installed Apex or TE is left in place)."""
     from megatron.core.optimizer import clip_grads, optimizer
 
     if clip_grads.l2_norm_impl.__module__ == "megatron.core.utils":
@@ -72,5 +71,34 @@ def _multi_tensor_ops() -> None:
     for module in (clip_grads, optimizer):
         if module.multi_tensor_scale_impl.__module__ == "megatron.core.utils":
             module.multi_tensor_scale_impl = foreach_scale
+
+
+def use_any_device_grad_clipping() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm
+
+
+_MEGATRON = dict(library="megatron-core", written_for=("0.16.1",))
+
+PATCHES = [
+    Patch("router_gemm_without_te", targets=("megatron.core.transformer.moe.moe_utils.te_general_gemm",),
+          why="RouterGatingLinearFunction reads the module global te_general_gemm, bound only when Transformer "
+              "Engine imports: every MoE router forward raises NameError without it; None selects megatron's "
+              "own torch.mm branch",
+          apply=bind_router_gemm, **_MEGATRON),
+    Patch("foreach_multi_tensor_ops",
+          targets=("megatron.core.optimizer.clip_grads.l2_norm_impl",
+                   "megatron.core.optimizer.clip_grads.multi_tensor_scale_impl",
+                   "megatron.core.optimizer.optimizer.multi_tensor_scale_impl"),
+          why="without Apex or TE megatron's fallbacks loop over tensors with a host sync per parameter "
+              "(~1,000 launches and syncs a step at 30B); torch._foreach_* does it in a few kernels",
+          apply=use_foreach_multi_tensor_ops, **_MEGATRON),
+    Patch("grad_clipping_any_device",
+          targets=("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+                   "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32"),
+          why="upstream asserts the grads are torch.cuda.FloatTensor, which rules out the CPU and bf16 grads "
+              "without fp32 main params; one multi-tensor multiply instead",
+          apply=use_any_device_grad_clipping, **_MEGATRON),
+]

@@ -1,7 +1,7 @@
 """Every accommodation that lets megatron-core 0.16.1 run on a CPU-only torch, in one place.
 
-Call ``apply_cpu_shim()`` once, before building models or seeding megatron's RNG, and only when
-``torch.cuda.is_available()`` is False. GPU runs never execute anything here.
+``compat.apply_all("cpu")`` applies them (parallel.setup.init_parallel calls it before megatron's RNG is
+seeded or a model is built); GPU runs never execute anything here.
 
 The patches are narrow: no torch function is changed globally. They are of two kinds:
 
@@ -10,7 +10,7 @@ The patches are narrow: no torch function is changed globally. They are of two k
    names the CPU, CUDA streams/events are no-ops, the CUDA RNG is the CPU RNG, and tensor factories called
    with ``device='cuda'`` allocate on the CPU. Everything else is the real torch.
 2. Small replacements of single megatron functions whose logic (not just their device) assumes CUDA,
-   listed in ``apply_cpu_shim``.
+   listed in ``PATCHES`` below.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import types
 
 import torch
 
-_APPLIED = False
+from omni_train.compat.registry import Patch
 
 # megatron module -> the calls in it that the CPU view of torch covers, and why they fail as shipped.
 _MODULES_USING_CUDA = {
@@ -210,7 +210,7 @@ class _TorchOnCpu(types.ModuleType):
         return getattr(torch, name)
 
 
-def _install_torch_view():
+def install_torch_view():
     view = _TorchOnCpu()
     for module_name in _MODULES_USING_CUDA:
         module = importlib.import_module(module_name)
@@ -228,7 +228,7 @@ def _host_split_sizes(tensor, as_numpy=False, record_stream=False):
     return tensor
 
 
-def _patch_alltoall_split_sizes():
+def use_host_split_sizes():
     """token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize converts split sizes to
     numpy only when they are CUDA tensors; gloo's all_to_all_single rejects CPU tensors as splits."""
     from megatron.core.transformer.moe import token_dispatcher
@@ -244,7 +244,7 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-def _patch_rng_tracker():
+def use_cpu_rng_tracker():
     """tensor_parallel.random keeps named CUDA generator states (dropout in TP regions, expert init,
     activation recompute). On the CPU the states are CPU generator states: ``_get/_set_cuda_rng_state``
     read/write the CPU generator and ``CudaRNGStatesTracker`` becomes ``CpuRNGStatesTracker``, which
@@ -281,7 +281,7 @@ def _patch_rng_tracker():
         random.initialize_rng_tracker(force_reset=True)
 
 
-def _patch_compiled_expert_bias():
+def use_eager_expert_bias():
     """router.TopKRouter._apply_expert_bias is wrapped in torch.compile at import (megatron.core.jit):
     on the CPU inductor needs a C++ toolchain and compiles for a long time for a two-line update.
     Restore the plain Python method."""
@@ -292,13 +292,28 @@ def _patch_compiled_expert_bias():
         TopKRouter._apply_expert_bias = original
 
 
-def apply_cpu_shim() -> None:
-    """Install all CPU accommodations for megatron-core 0.16.1. Idempotent."""
-    global _APPLIED
-    if _APPLIED:
-        return
-    _install_torch_view()
-    _patch_alltoall_split_sizes()
-    _patch_rng_tracker()
-    _patch_compiled_expert_bias()
-    _APPLIED = True
+_MEGATRON = dict(library="megatron-core", written_for=("0.16.1",), devices=("cpu",))
+
+PATCHES = [
+    Patch("cpu_torch_view", targets=tuple(f"{module}.torch" for module in _MODULES_USING_CUDA),
+          why="these modules allocate on torch.cuda.current_device(), make CUDA streams/events and use the "
+              "CUDA RNG (each listed in _MODULES_USING_CUDA); their module-level torch becomes a view of torch "
+              "on which CUDA means the CPU",
+          apply=install_torch_view, **_MEGATRON),
+    Patch("cpu_alltoall_split_sizes",
+          targets=("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",),
+          why="the alltoall dispatcher turns split sizes into host lists only for CUDA tensors; gloo's "
+              "all_to_all_single rejects CPU tensors as splits",
+          apply=use_host_split_sizes, **_MEGATRON),
+    Patch("cpu_rng_tracker",
+          targets=("megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
+                   "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+                   "megatron.core.tensor_parallel.random._set_cuda_rng_state"),
+          why="the named RNG states (TP dropout, expert init, recompute) are CUDA generator states; on the "
+              "CPU they are CPU generator states",
+          apply=use_cpu_rng_tracker, **_MEGATRON),
+    Patch("cpu_eager_expert_bias", targets=("megatron.core.transformer.moe.router.TopKRouter._apply_expert_bias",),
+          why="torch.compile'd at import (megatron.core.jit): on the CPU inductor needs a C++ toolchain and "
+              "compiles for a long time for a two-line update",
+          apply=use_eager_expert_bias, **_MEGATRON),
+]

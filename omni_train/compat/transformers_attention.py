@@ -7,11 +7,11 @@ runs one SDPA call per window: at 30 s of audio and a 640-pixel image per sequen
 hundred small kernels per forward, and the device idle between them (H100 profile: the omni step
 host-bound, device idle ~2/3 of it).
 
-``register()`` adds ``varlen_attention`` to transformers' attention functions under ``NAME``, which holds
-"flash", so the towers take their packed path and hand it ``cu_seqlens`` and the longest window: on CUDA
-one call of torch's variable-length flash attention (``torch.nn.attention.varlen``) per layer, no sync;
-elsewhere (CPU, or a torch without it) one ``scaled_dot_product_attention`` per window, as transformers'
-own path computes.
+``register_tower_attention()`` adds ``varlen_attention`` to transformers' attention functions under
+``NAME``, which holds "flash", so the towers take their packed path and hand it ``cu_seqlens`` and the
+longest window: on CUDA one call of torch's variable-length flash attention (``torch.nn.attention.varlen``)
+per layer, no sync; elsewhere (CPU, or a torch without it) one ``scaled_dot_product_attention`` per window,
+as transformers' own path computes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from omni_train.compat.registry import Patch
 
 NAME = "omni_flash_varlen"
 
@@ -75,9 +77,18 @@ def per_window_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> tor
     return torch.cat(outs, dim=0)
 
 
-def register() -> str:
-    """Make ``NAME`` a transformers attention implementation (idempotent); returns ``NAME``."""
+def register_tower_attention() -> None:
+    """Make ``NAME`` a transformers attention implementation. Idempotent."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, varlen_attention)
-    return NAME
+
+
+PATCHES = [
+    Patch("tower_varlen_attention", library="transformers", written_for=("5.23.0", "5.17.0"),
+          targets=("transformers.modeling_utils.AttentionInterface._global_mapping",),
+          why="adds 'omni_flash_varlen': a name holding 'flash' makes the towers take their packed path and "
+              "hand over cu_seqlens; otherwise every layer reads window lengths on the host (a sync) and runs "
+              "one SDPA per window",
+          apply=register_tower_attention),
+]

@@ -61,8 +61,10 @@ def _batch(cfg, media: str, device):
     ids[0, 1:1 + n] = token
     positions = torch.arange(seq, device=device).view(1, 1, seq).expand(3, 1, seq).contiguous()
     documents = torch.zeros(1, seq, dtype=torch.long, device=device)
-    documents[0, seq // 2:] = 1  # two packed documents (the mask is dense either way)
-    return n, ids, positions, documents, inputs
+    documents[0, seq // 2:] = 1  # two packed documents, as the packer writes them
+    packed = dict(document_ids=documents, max_seqlen=seq - seq // 2,
+                  cu_seqlens=torch.tensor([0, seq // 2, seq], dtype=torch.int32, device=device))
+    return n, ids, positions, packed, inputs
 
 
 def _phase_stage(stage, phase_name):
@@ -74,9 +76,11 @@ def _phase_stage(stage, phase_name):
     return StageConfig(name=stage.name, trainable=list(phase.trainable), frozen=list(phase.frozen))
 
 
-def measure(overrides, media: str, phase: str | None) -> dict:
+def measure(overrides, media: str, phase: str | None, attention: str = "packed") -> dict:
+    """``attention``: "packed" (the documents' boundaries, as shard batches reach the model at cp=1) or
+    "mask" (the dense [S, S] document mask, as under context parallelism)."""
     from omni_train.config import compose
-    from omni_train.models.common.attention import document_attention_mask
+    from omni_train.models.common.attention import document_attention, document_attention_mask
     from omni_train.planning.memory_estimate import estimate_memory
     from omni_train.models.thinker.omni import build_omni_thinker
     from omni_train.parallel.setup import init_parallel
@@ -96,7 +100,7 @@ def measure(overrides, media: str, phase: str | None) -> dict:
     ddp = wrap_data_parallel(model, cfg.parallel, on_gpu=on_gpu)
     optimizer = build_optimizer(cfg.optim, ddp, cfg.parallel, bf16=on_gpu, on_gpu=on_gpu)
     memory = torch.cuda if on_gpu else None
-    n, ids, positions, documents, inputs = _batch(cfg, media, device)
+    n, ids, positions, packed, inputs = _batch(cfg, media, device)
     labels = torch.roll(ids, -1, dims=1)
     record = {}
     for step in (1, 2):
@@ -105,11 +109,12 @@ def measure(overrides, media: str, phase: str | None) -> dict:
             memory.reset_peak_memory_stats()
         before = memory.memory_allocated() if memory else 0
         start = time.perf_counter()
-        mask = document_attention_mask(documents)
-        loss = ddp(ids, positions, attention_mask=mask, labels=labels, **inputs).float().mean()
+        attend = (document_attention(packed) if attention == "packed"
+                  else {"attention_mask": document_attention_mask(packed["document_ids"])})
+        loss = ddp(ids, positions, labels=labels, **attend, **inputs).float().mean()
         after_forward = memory.memory_allocated() if memory else 0
         loss.backward()
-        del mask, loss
+        del attend, loss
         ddp.finish_grad_sync()
         optimizer.step()
         ddp.zero_grad_buffer()
@@ -120,10 +125,13 @@ def measure(overrides, media: str, phase: str | None) -> dict:
             record.update(states_gb=before / GB, kept_after_forward_gb=(after_forward - before) / GB,
                           peak_gb=memory.max_memory_allocated() / GB,
                           reserved_gb=memory.max_memory_reserved() / GB)
-    estimate = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, stage, world_size=1, document_mask=True)[0]
+    estimate = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, stage, world_size=1,
+                               document_mask=attention == "mask",
+                               master_weights=cfg.optim.master_weights)[0]
     items = {item.label: item.bytes / GB for item in estimate.items}
     states = sum(items[k] for k in ("parameters", "gradients", "optimizer"))
-    return dict(overrides=list(overrides), media=media, media_tokens=n, phase=phase, trainable=counts,
+    return dict(overrides=list(overrides), media=media, media_tokens=n, phase=phase, attention=attention,
+                trainable=counts,
                 measured=record, estimate_total_gb=estimate.total / GB, estimate_states_gb=states,
                 estimate_items_gb=items)
 
@@ -168,6 +176,8 @@ def main(argv) -> int:
     parser.add_argument("--media", choices=("audio", "image"), default="audio")
     parser.add_argument("--phase", default=None, help="a phase of the stage (default: the last)")
     parser.add_argument("--sdpa", action="store_true", help="only report which SDPA kernels take a mask")
+    parser.add_argument("--attention", choices=("packed", "mask"), default="packed",
+                        help="packed documents by their boundaries (cp=1, as shard batches) or the dense mask")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.sdpa:
@@ -178,7 +188,7 @@ def main(argv) -> int:
 
         logging.getLogger("megatron").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
-        result = measure(args.overrides, args.media, args.phase)
+        result = measure(args.overrides, args.media, args.phase, args.attention)
     text = json.dumps(result, indent=1)
     print(text, flush=True)
     if args.out:

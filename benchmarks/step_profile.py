@@ -24,8 +24,8 @@ def label_parts(trainer) -> None:
     trainer.forward_backward = labelled("forward_backward", trainer.forward_backward)
     trainer.nonfinite.flags = labelled("nonfinite_flags", trainer.nonfinite.flags)
     trainer.model.zero_grad_buffer = labelled("zero_grad_buffer", trainer.model.zero_grad_buffer)
-    for name, label in (("grad_norm", "grad_norm"), ("apply_update", "optimizer_step"),
-                        ("_loss_sums", "loss_sums")):
+    trainer.report.sums = labelled("loss_sums", trainer.report.sums)
+    for name, label in (("grad_norm", "grad_norm"), ("apply_update", "optimizer_step")):
         fn = getattr(loop, name)
         if not hasattr(fn, "__wrapped_by_bench__"):
             setattr(loop, name, labelled(label, fn))

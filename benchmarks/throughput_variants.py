@@ -49,7 +49,7 @@ def omni_model_config(spec: dict):
     from omni_train.config import compose
 
     composed = compose([f"model={omni_flavor(spec)}", "model.thinker.towers=true", *lm_overrides(spec)])
-    return OmegaConf.to_object(composed).model
+    return OmegaConf.to_object(composed).model.thinker
 
 
 def make_batches(spec: dict, vocab_size: int, count: int, device):
@@ -108,7 +108,8 @@ def ours_overrides(variant: str, spec: dict, on_gpu: bool, tokenizer=None) -> li
     if variant == "ours_sequential":  # megatron's SequentialMLP experts and alltoall dispatcher, for reference
         overrides += ["model.thinker.experts_impl=sequential"]
     if omni:  # the stage reads its placeholder ids from the tokenizer; its data source is replaced below
-        overrides += ["stage=multimodal_pretrain", "model.thinker.towers=true", f"data.tokenizer={tokenizer}"]
+        overrides += ["stage=multimodal_pretrain", "model.thinker.towers=true", "data=shards",
+                      f"data.tokenizer={tokenizer}", "data.datasets=[{path: benchmark_batches}]"]
     return overrides + list(spec.get("ours_overrides", []))
 
 
@@ -134,7 +135,9 @@ def build_ours(variant: str, spec: dict, device):
     omni = variant in OMNI
     tokenizer, ids = placeholder_ids() if omni else (None, None)
     composed = compose(ours_overrides(variant, spec, on_gpu, tokenizer))
-    validate_config(composed, world_size=1, cuda_available=on_gpu)
+    checked = composed.copy()
+    checked.dry_run = True  # the data source is replaced by the benchmark's batches: no dataset to find
+    validate_config(checked, world_size=1, cuda_available=on_gpu)
     cfg = OmegaConf.to_object(composed)
     per_step = spec.get("micro_batches", 1)
     count = (spec["warmup"] + spec["steps"] + 1) * per_step

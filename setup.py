@@ -27,7 +27,7 @@ setup(
         "av>=12",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
     entry_points={"console_scripts": ["omni-train=omni_train.train:main",
                                       "omni-data=data_pipelines.cli:main",
                                       "omni-convert=omni_train.export.convert:main"]},

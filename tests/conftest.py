@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ci import skip_or_fail
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -50,8 +52,8 @@ _INDUCTOR_CPU = {}
 @pytest.fixture
 def inductor_cpu():
     """Skip unless torch.compile's CPU backend (inductor, which builds C++ with the system compiler) works
-    here: probed once on a trivial function, so that a missing toolchain skips with its reason while a
-    failure of the code under test still fails."""
+    here: probed once on a trivial function, so that a missing toolchain skips with its reason (under CI:
+    fails with it, tests/ci.py) while a failure of the code under test still fails."""
     if "reason" not in _INDUCTOR_CPU:
         try:
             torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(4))
@@ -59,4 +61,4 @@ def inductor_cpu():
         except Exception as exc:  # toolchain missing or broken
             _INDUCTOR_CPU["reason"] = f"torch.compile on CPU unavailable: {type(exc).__name__}: {str(exc)[:200]}"
     if _INDUCTOR_CPU["reason"]:
-        pytest.skip(_INDUCTOR_CPU["reason"])
+        skip_or_fail(_INDUCTOR_CPU["reason"])

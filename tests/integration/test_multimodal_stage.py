@@ -76,6 +76,7 @@ def data_parallel_run(synth, tmp_path_factory):
     return _train_then_repeat_last_step(partial(torchrun, 2), tmp_path_factory.mktemp("dp") / "run", synth)
 
 
+@pytest.mark.slow
 def test_two_data_parallel_ranks_resume_exactly(data_parallel_run):
     """The replicated towers are saved once (data-parallel rank 0); a resumed run repeats the step."""
     straight, resumed = data_parallel_run[2], data_parallel_run[3]
@@ -130,6 +131,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_matches_one_process(synth, data_parallel_run, tmp_path):
     """One process on the 2 ranks' global batch gives the 2-process per-step losses (text-only
     micro-batches on a rank included: their zero tower term keeps the gradient reduction in step).

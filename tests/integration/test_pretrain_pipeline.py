@@ -50,6 +50,7 @@ def _falls(records):
     return records[steps[-1]]["loss"] < records[steps[0]]["loss"]
 
 
+@pytest.mark.slow
 def test_pipeline_hand_off_resume_export(tmp_path):
     first = _pipeline(tmp_path, stop_general_at=2)
     assert first.returncode == 1, first.stderr[-3000:]

@@ -1,7 +1,8 @@
 """A real one-node SLURM cluster on localhost for this session (tests/slurm/local_cluster.sh).
 
 Where SLURM cannot run here (not root, no apt-get, the install fails), the tests that need it are skipped
-and the reason is printed at the end of the run. Any other failure to start is a test error.
+and the reason is printed at the end of the run; under CI (tests/ci.py) they fail with that reason instead.
+Any other failure to start is a test error.
 """
 
 import os
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from ci import in_ci, skip_or_fail
 
 SCRIPT = Path(__file__).with_name("local_cluster.sh")
 CANNOT_RUN_HERE = 77
@@ -27,7 +30,7 @@ def slurm_cluster():
         shutil.rmtree(state, ignore_errors=True)
         reason = up.stderr.strip().splitlines()[-1]
         _skip_reason.append(reason)
-        pytest.skip(reason)
+        skip_or_fail(reason)
     env = {"SLURM_CONF": str(state / "slurm.conf")}
     try:
         assert up.returncode == 0, f"tests/slurm/local_cluster.sh up failed:\n{up.stderr[-4000:]}"
@@ -51,4 +54,7 @@ def _cancel_all_jobs(env) -> None:
 
 def pytest_terminal_summary(terminalreporter):
     for reason in _skip_reason:
-        terminalreporter.write_line(f"SLURM tests skipped: {reason}", yellow=True)
+        if in_ci():
+            terminalreporter.write_line(f"SLURM tests failed: cannot run here: {reason}", red=True)
+        else:
+            terminalreporter.write_line(f"SLURM tests skipped: {reason}", yellow=True)

@@ -60,6 +60,7 @@ def _losses(run_dir):
     return {step: record["loss"] for step, record in metrics(run_dir).items()}
 
 
+@pytest.mark.slow
 def test_slurm_job_equals_local_two_process_run(slurm_cluster, local_losses, tmp_path):
     run_dir = tmp_path / "run"
     job = _submit(run_dir, slurm_cluster)
@@ -72,6 +73,7 @@ def test_slurm_job_equals_local_two_process_run(slurm_cluster, local_losses, tmp
     assert {"sbatch.sh", "config.yaml", "code_version.json", f"slurm-{job}.out"} <= kept
 
 
+@pytest.mark.slow
 def test_requeued_and_time_limited_job_resumes_to_the_same_losses(slurm_cluster, local_losses, tmp_path):
     """Preempted twice: `scontrol requeue` (SLURM restarts it), then the time-limit warning USR1 that
     `--signal=B:USR1@...` sends the batch script (the script requeues the job itself)."""

@@ -85,10 +85,26 @@ def test_refuses_what_it_does_not_support(megatron_world1):
         attn(q, k, v, None, attention_bias=torch.zeros(1))
 
 
-def test_packed_documents_equal_the_document_mask(megatron_world1):
-    """Packed rows given as document boundaries (PackedSeqParams, as data.packing's cu_seqlens): the same
-    outputs and gradients as the document mask of the same rows (on CPU the boundaries become that mask;
-    on CUDA they drive varlen flash attention, checked on the GPU: benchmarks/RESULTS.md)."""
+def per_document_causal_attention(q, k, v, cu_seqlens):
+    """The reference for packed rows: each document (``cu_seqlens`` over the rows laid end to end) through
+    plain causal SDPA on its own slice, K/V heads repeated for their query group; [s, b, np * hn]."""
+    sq, b = q.shape[:2]
+    flat = [x.transpose(0, 1).reshape(b * sq, *x.shape[2:]) for x in (q, k, v)]  # [b * s, heads, hn]
+    outputs = []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        dq, dk, dv = (x[start:end].transpose(0, 1) for x in flat)  # [heads, n, hn]
+        dk, dv = (x.repeat_interleave(HEADS // x.shape[0], dim=0) for x in (dk, dv))
+        out = torch.nn.functional.scaled_dot_product_attention(dq, dk, dv, is_causal=True)
+        outputs.append(out.transpose(0, 1).reshape(end - start, -1))
+    return torch.cat(outputs).view(b, sq, -1).transpose(0, 1)
+
+
+@pytest.mark.parametrize("groups", [GROUPS, HEADS], ids=["gqa", "mha"])
+def test_packed_documents_equal_a_loop_over_documents(megatron_world1, groups):
+    """Packed rows given as document boundaries (PackedSeqParams, as data.packing's cu_seqlens), run as
+    SDPAttention runs them on CPU: outputs and q/k/v gradients equal each document attended alone
+    (the padding at a row's end is a document of its own). The dense document mask gives the same.
+    On CUDA the boundaries drive varlen flash attention instead: benchmarks/varlen_check.py on the GPU."""
     from omni_train.models.common.attention import document_attention, document_attention_mask, segment_attention_mask
 
     document_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1], [0, 0, 0, 0, 0, 1, 1, 1, -1, -1]])
@@ -97,16 +113,19 @@ def test_packed_documents_equal_the_document_mask(megatron_world1):
     args = document_attention({"document_ids": document_ids, "cu_seqlens": cu, "max_seqlen": 5})
     packed = args["packed_seq_params"]
     assert packed.max_seqlen_q == 5 and packed.cu_seqlens_q is cu and args["attention_mask"] is None
-    attn = build(SDPAttention, config())
-    q, k, v = qkv(seq=10, batch=2, groups=GROUPS)
+    attn = build(SDPAttention, config(num_query_groups=groups))
+    q, k, v = qkv(seq=10, batch=2, groups=groups)
     grad_out = torch.randn(10, 2, HEADS * HEAD_DIM, generator=torch.Generator().manual_seed(3))
-    results = []
-    for kwargs in (dict(packed_seq_params=packed), dict()):
-        mask = None if kwargs else document_attention_mask(document_ids)
-        out = attn(q, k, v, mask, **kwargs)
-        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    def with_grads(out):
+        return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+    reference = with_grads(per_document_causal_attention(q, k, v, cu))
+    packed_path = with_grads(attn(q, k, v, None, packed_seq_params=packed))
+    mask_path = with_grads(attn(q, k, v, document_attention_mask(document_ids)))
+    for name, want, got, masked in zip(["out", "dq", "dk", "dv"], reference, packed_path, mask_path):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"packed {name}")
+        torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-6, msg=f"mask {name}")
     assert document_attention({"input_ids": q}) == {"attention_mask": None}  # one document a row: causal
 
 

@@ -143,3 +143,48 @@ def test_towers_worst_case_and_frozen_towers_keep_nothing():
     lm_only = StageConfig(name="s", trainable=["^language_model\\."])
     (estimate,) = estimate_memory(model, ParallelConfig(ep=2), trainer, lm_only, 4, document_mask=True)
     assert "tower activations" not in _items(estimate)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Anchored to measured peaks: tests/fixtures/measured_memory_h200.jsonl holds one multimodal Thinker step
+# per row, measured on the lent H200 (`bash benchmarks/arch_check.sh memory`, 2026-12-03: 30B-A3B widths
+# and towers, 4 LM layers, 32 experts, world size 1, packed documents through their boundaries, the
+# micro-batch's tokens all audio or all image placeholders). The estimate must cover the measured peak
+# (it is what the dry run promises) and not overshoot it by more than OVERSHOOT where the media are the
+# worst case the estimate assumes (audio: its tower term is the larger one); the states at the start of a
+# step (weights, grads, optimizer) within STATES_TOLERANCE.
+OVERSHOOT = 1.12
+STATES_TOLERANCE = 0.03
+
+
+def _measured():
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "measured_memory_h200.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_estimate_covers_the_peaks_measured_on_the_device():
+    from omegaconf import OmegaConf
+
+    from omni_train.config import compose
+
+    rows = _measured()
+    assert len(rows) >= 5 and {r["attention"] for r in rows} == {"packed"}
+    for row in rows:
+        cfg = OmegaConf.to_object(compose(row["overrides"]))
+        stage = cfg.stage
+        if stage.phases:  # the probe measures the named phase, else the last
+            phase = next(p for p in stage.phases if p.name == row["phase"]) if row["phase"] else stage.phases[-1]
+            stage = StageConfig(name=stage.name, trainable=list(phase.trainable), frozen=list(phase.frozen))
+        estimate = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, stage, world_size=1,
+                                   document_mask=False, master_weights=cfg.optim.master_weights)[0]
+        items = _items(estimate)
+        measured = row["measured"]["peak_gb"] * 1e9
+        label = f"{row['overrides'][-3:]} {row['media']}"
+        assert estimate.total >= measured, label
+        if row["media"] == "audio":
+            assert estimate.total <= OVERSHOOT * measured, label
+        states = items["parameters"] + items["gradients"] + items["optimizer"]
+        assert abs(states - row["measured"]["states_gb"] * 1e9) <= STATES_TOLERANCE * states, label

@@ -12,6 +12,10 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The short text run that the parity, launcher and resume tests compare against (one run per session:
+# tests/conftest.py, text_run_6_steps and text_torchrun_6_steps).
+TEXT_6_STEPS = ["trainer.max_steps=6", "checkpoint.save_every=100", "checkpoint.save_at_end=false"]
+
 
 def _env(extra: Optional[Dict[str, str]] = None, threads: int = 2) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE",

@@ -62,3 +62,86 @@ def inductor_cpu():
             _INDUCTOR_CPU["reason"] = f"torch.compile on CPU unavailable: {type(exc).__name__}: {str(exc)[:200]}"
     if _INDUCTOR_CPU["reason"]:
         skip_or_fail(_INDUCTOR_CPU["reason"])
+
+
+# Built once per session and shared (issue 15): synthetic datasets and short reference runs that several
+# modules read. They are read-only; a test that writes into a dataset or a run directory copies it first
+# (shutil.copytree) or builds its own.
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory):
+    """`omni-data synth` once: ROOT/good (24 samples, seed 0, every medium), ROOT/tok (a tokenizer trained
+    on its texts) and ROOT/bad (a damaged copy: an undecodable flac, bad JSON, a missing member, a
+    truncated shard)."""
+    from data_pipelines.cli import main as omni_data
+
+    root = tmp_path_factory.mktemp("synth_shards")
+    assert omni_data(["synth", str(root / "good"), "--samples", "24", "--tokenizer", str(root / "tok"),
+                      "--corrupt", str(root / "bad"), "--no-progress"]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_suite_root(tmp_path_factory):
+    """`omni-data synth-suite` once: ROOT/<kind> per pretraining data kind and ROOT/tokenizer."""
+    from data_pipelines.pretrain_synth import synth_suite
+
+    root = tmp_path_factory.mktemp("synth_suite")
+    synth_suite(str(root), {"audio_text": 8})
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_run_6_steps(tmp_path_factory):
+    """(run dir, metrics by step): the tiny text recipe, 6 steps, one process (cli.TEXT_6_STEPS)."""
+    from cli import TEXT_6_STEPS, metrics, omni_train
+
+    run_dir = tmp_path_factory.mktemp("text6") / "run"
+    omni_train([*TEXT_6_STEPS, f"run_dir={run_dir}"])
+    return run_dir, metrics(run_dir)
+
+
+@pytest.fixture(scope="session")
+def text_torchrun_6_steps(tmp_path_factory):
+    """(run dir, metrics by step): cli.TEXT_6_STEPS on 2 data-parallel processes (plain torchrun)."""
+    from cli import TEXT_6_STEPS, metrics, torchrun
+
+    run_dir = tmp_path_factory.mktemp("text6_dp2") / "run"
+    torchrun(2, [*TEXT_6_STEPS, f"run_dir={run_dir}"])
+    return run_dir, metrics(run_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_run(tmp_path_factory):
+    """(run root, metrics by step): `omni-train recipe=tiny/text_pretrain` as the README runs it (100
+    steps, final checkpoint), at ROOT/text_pretrain so that a later stage names it `stage:text_pretrain`
+    (hand-off tests write their own stage beside it, never into it)."""
+    from cli import metrics, omni_train
+
+    root = tmp_path_factory.mktemp("tiny_recipe")
+    omni_train(["recipe=tiny/text_pretrain", f"run_dir={root / 'text_pretrain'}"])
+    return root, metrics(root / "text_pretrain")
+
+
+@pytest.fixture(scope="session")
+def multimodal_run(synth_shards, tmp_path_factory):
+    """(run dir, metrics records in order): tiny multimodal_pretrain from scratch on synth_shards, 3 steps
+    with checkpoints after 2 and 3, then step 3 again from the step-2 checkpoint (records of steps 1, 2, 3,
+    3); its final checkpoint is the one the export tests export."""
+    from cli import omni_train
+    from tests.integration.test_multimodal_stage import _train_then_repeat_last_step
+
+    run_dir = tmp_path_factory.mktemp("multimodal") / "run" / "multimodal_pretrain"
+    return run_dir, _train_then_repeat_last_step(omni_train, run_dir, synth_shards)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_omni_dir(tmp_path_factory):
+    """tests/parity/test_convert.py's tiny Qwen3-Omni (thinker, towers, talker, code2wav; seed 0), saved
+    once in several safetensors shards (a reader must follow the index). Read only."""
+    from tests.parity.test_convert import tiny_omni_model
+
+    path = tmp_path_factory.mktemp("hf_omni")
+    tiny_omni_model().save_pretrained(path, max_shard_size="200KB")
+    return path

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from omni_train.config import CONF_DIR, compose, validate_config
+from omni_train.config import CONF_DIR, DATA_SCHEMAS, TrainConfig, compose, validate_config
+from omni_train.loops import check_stage
+from omni_train.stages import STAGES, load_stage, phase_plan, stage_code
 
 RECIPES = sorted(p.relative_to(CONF_DIR / "recipe").with_suffix("").as_posix()
                  for p in (CONF_DIR / "recipe").rglob("*.yaml"))
@@ -13,29 +15,59 @@ GROUPS = sorted((group.name, option.stem) for group in CONF_DIR.iterdir()
                 if group.is_dir() and group.name != "recipe" for option in group.glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory):
-    """A real dataset + tokenizer for recipes that read shards (their paths are relative to the repo)."""
-    from data_pipelines.cli import main as omni_data
+@pytest.fixture
+def demo_shards(synth_shards):
+    """A real dataset + tokenizer for recipes that read shards (their paths are relative to the repo): the
+    session's synthetic shards (tests/conftest.py), ROOT/good and ROOT/tok."""
+    return synth_shards
 
-    root = tmp_path_factory.mktemp("demo")
-    assert omni_data(["synth", str(root / "demo"), "--samples", "4", "--tokenizer", str(root / "tok"),
-                      "--no-progress"]) == 0
-    return root
+
+def _compose(recipe, shards):
+    cfg = compose([f"recipe={recipe}"])
+    if cfg.data.name == "shards":  # point each of the recipe's datasets at a freshly built one
+        datasets = ", ".join(f"{{path: {shards / 'good'}, weight: {d.weight}}}" for d in cfg.data.datasets)
+        cfg = compose([f"recipe={recipe}", f"data.datasets=[{datasets}]", f"data.tokenizer={shards / 'tok'}"])
+    return cfg
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_and_validates(recipe, demo_shards):
-    cfg = compose([f"recipe={recipe}"])
-    if cfg.data.name == "shards":  # point each of the recipe's datasets at a freshly built one
-        datasets = ", ".join(f"{{path: {demo_shards / 'demo'}, weight: {d.weight}}}" for d in cfg.data.datasets)
-        cfg = compose([f"recipe={recipe}", f"data.datasets=[{datasets}]", f"data.tokenizer={demo_shards / 'tok'}"])
+    cfg = _compose(recipe, demo_shards)
     first_line = (CONF_DIR / "recipe" / f"{recipe}.yaml").read_text().splitlines()[1]
     assert f"recipe={recipe}" in first_line, "a recipe's first comment is the command that runs it"
     on_gpu = cfg.trainer.device == "cuda"
     # full-scale recipes name the world they are written for (dry_run_world_size); tiny ones run on one process
     validate_config(cfg, world_size=cfg.dry_run_world_size or 1, cuda_available=on_gpu)
     OmegaConf.to_object(cfg)  # every value has its schema type
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_builds_its_stage(recipe, demo_shards):
+    """Each recipe becomes the objects its run starts from: the typed TrainConfig, the data source's own
+    schema, the registered stage code (its model, data and forward builders), a phase plan covering every
+    step, and the stage checks the CLI runs before building anything."""
+    cfg = OmegaConf.to_object(_compose(recipe, demo_shards))
+    assert type(cfg) is TrainConfig
+    assert type(cfg.data) is DATA_SCHEMAS[cfg.data.name], (type(cfg.data), cfg.data.name)
+    check_stage(cfg)
+    stage = load_stage(cfg.stage)
+    module = __import__(STAGES[stage_code(cfg.stage)], fromlist=["STAGE"])
+    assert stage is module.STAGE
+    assert all(callable(f) for f in (stage.build_model, stage.build_data, stage.forward))
+    plan = phase_plan(cfg.stage, cfg.trainer.max_steps)
+    assert plan[0].start == 0 and plan[-1].end == cfg.trainer.max_steps
+    assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
+    # a pipeline recipe runs recipes of its own: each of them is one of the recipes checked here
+    assert {s.recipe for s in cfg.pipeline.stages} <= set(RECIPES)
+
+
+def test_every_full_scale_recipe_has_its_dry_run_checked():
+    """The full-scale recipes (those naming dry_run_world_size) are the ones whose dry run
+    (print_dry_run: parameter counts, memory estimate) tests/configs/test_30b_recipes.py checks."""
+    from tests.configs.test_30b_recipes import RECIPES as DRY_RUN_CHECKED
+
+    full_scale = {r for r in RECIPES if compose([f"recipe={r}"]).dry_run_world_size}
+    assert full_scale == {f"qwen3_omni_30b_a3b/{r}" for r in DRY_RUN_CHECKED}
 
 
 @pytest.mark.parametrize("group,option", GROUPS)
@@ -60,13 +92,24 @@ def test_overrides_users_rely_on():
 
 
 def test_conf_groups_map_onto_code():
-    """conf/stage/<x>.yaml <-> omni_train/stages/<x>.py; every group has a schema field."""
+    """conf/stage/<x>.yaml <-> omni_train/stages/<x>.py, or <x>.yaml names the registered code it runs
+    (stage.base: stages that differ only in configuration); every registered stage has its file and a
+    config; every group has a schema field."""
+    import yaml
+
     from omni_train.config.schema import TrainConfig
     from omni_train.stages import STAGES
 
-    stages = {p.stem for p in (CONF_DIR / "stage").glob("*.yaml")}
-    assert stages == set(STAGES)
-    for name in stages:
+    code = {}
+    for path in (CONF_DIR / "stage").glob("*.yaml"):
+        entry = yaml.safe_load(path.read_text())
+        assert entry["name"] == path.stem
+        code[path.stem] = entry.get("base") or entry["name"]
+    assert set(code.values()) == set(STAGES)  # every registered stage is used, every config runs one
+    assert set(STAGES) <= set(code)
+    for name in STAGES:
         assert (Path(__file__).parents[2] / "omni_train" / "stages" / f"{name}.py").exists()
+    assert {name for name, base in code.items() if base != name} == {
+        "audio_align", "vision_align", "general_pretrain", "long_context"}
     fields = set(TrainConfig.__dataclass_fields__)
     assert {g for g, _ in GROUPS} <= fields

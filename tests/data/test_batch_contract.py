@@ -2,28 +2,22 @@
 batches reach attention as document boundaries (PackedSeqParams, no dense mask), to_device moves the
 towers' inputs with the tokens and leaves their sizes on the host, and a missing key is an error."""
 
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cli import REPO
 from omni_train.config import compose
 from omni_train.data import shards
 from omni_train.data.batch import MediaInputs, MediaSizes, ShardBatch, shard_batch, to_device
 from omni_train.data.packing import collate_packed
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("contract_shards")
-    cmd = [sys.executable, "-m", "data_pipelines.cli", "synth", str(root / "good"), "--samples", "16",
-           "--tokenizer", str(root / "tok"), "--no-progress"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
-    return root
+@pytest.fixture
+def synth(synth_shards):
+    """The session's synthetic shards (tests/conftest.py): ROOT/good, ROOT/tok; read only."""
+    return synth_shards
 
 
 def _cfg(root):

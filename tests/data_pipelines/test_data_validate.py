@@ -2,16 +2,18 @@
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from data_pipelines import schema, shards
 from data_pipelines.cli import main
-from data_pipelines.tokens import estimate_tokens, smart_resize, video_frames_sampled
+from data_pipelines.tokens import estimate_tokens, smart_resize
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +70,58 @@ def test_validate_flags_unlisted_and_missing_shards(datasets_dirs, tmp_path, cap
     assert "BAD shard-000007.tar: shard on disk is not listed in index.json" in out
 
 
+# The token rules docs/data_format.md states, counted here without data_pipelines.tokens (what stats uses):
+# audio one token per 80 ms; an image or a video frame pair one token per 32 x 32 pixels after the
+# processor's resize (transformers' own smart_resize), images within 4..1280 tokens, video frames within
+# 768; video sampled at 2 frames per second, at most its own frames, an even count; text one per 4 chars.
+AUDIO_MS_PER_TOKEN = 80
+CELL = 32
+
+
+def _audio_tokens(seconds):
+    return math.ceil(Fraction(str(seconds)) * 1000 / AUDIO_MS_PER_TOKEN)
+
+
+def _cells(height, width, max_tokens):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as processor_resize
+
+    h, w = processor_resize(height, width, factor=CELL, min_pixels=4 * CELL * CELL,
+                            max_pixels=max_tokens * CELL * CELL)
+    return (h // CELL) * (w // CELL)
+
+
+def _video_tokens(video):
+    frames = min(max(2, round(video["seconds"] * 2)), max(2, video["frames"]))
+    frames += frames % 2
+    return frames // 2 * _cells(video["height"], video["width"], 768) + _audio_tokens(video["audio_seconds"])
+
+
+def _texts(entry):
+    """Every text of the manifest entry's conversation: string contents and text parts."""
+    for message in entry["messages"]:
+        content = message["content"]
+        yield from [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+
+
 def test_stats_equal_hand_computed_totals(datasets_dirs, capsys):
     good, _, truth, _ = datasets_dirs
-    media = truth["media"]
+    media = truth["media"]  # what synth wrote: each medium's duration, size and frame count
     audio = [m for m in media if m["kind"] == "audio"]
     images = [m for m in media if m["kind"] == "image"]
     videos = [m for m in media if m["kind"] == "video"]
     assert len(audio) == 6 and len(images) == 3 and len(videos) == 2
-    video_tokens = sum(estimate_tokens("video", height=v["height"], width=v["width"],
-                                       frames=video_frames_sampled(v["seconds"], v["frames"]))
-                       + estimate_tokens("audio", seconds=v["audio_seconds"]) for v in videos)
-    text_tokens = sum(estimate_tokens("text", text=t) for e in truth["entries"] for t in schema.sample_text(e))
+    video_tokens = sum(_video_tokens(v) for v in videos)
+    text_tokens = sum(math.ceil(len(t) / 4) for e in truth["entries"] for t in _texts(e) if t)
+    assert text_tokens > 12 and video_tokens > 0
     for recount in ([], ["--recount"]):
         assert main(["stats", str(good), "--json", *recount]) == 0
         stats = json.loads(capsys.readouterr().out)
         m = stats["modalities"]
         assert stats["num_samples"] == 12 and stats["num_shards"] == 3
         assert stats["audio_hours"] == pytest.approx(sum(a["seconds"] for a in audio) / 3600, abs=1e-6)
-        assert m["audio"]["tokens"] == sum(estimate_tokens("audio", seconds=a["seconds"]) for a in audio)
+        assert m["audio"]["tokens"] == sum(_audio_tokens(a["seconds"]) for a in audio)
         assert stats["images"] == 3
-        assert m["image"]["tokens"] == sum(estimate_tokens("image", height=i["height"], width=i["width"])
-                                           for i in images)
+        assert m["image"]["tokens"] == sum(_cells(i["height"], i["width"], 1280) for i in images)
         assert stats["video_minutes"] == pytest.approx(sum(v["seconds"] for v in videos) / 60, abs=1e-4)
         assert m["video"]["tokens"] == video_tokens
         assert m["text"] == {"samples": 12, "tokens": text_tokens}

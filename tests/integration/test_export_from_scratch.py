@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
-from cli import REPO, _env, omni_train
+from cli import REPO, _env
 from omni_train.checkpoint.manager import MARKER, latest_checkpoint, load_model_weights
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.data.chat import ChatEncoder
@@ -26,18 +26,17 @@ from omni_train.export.generate import encode_prompt, generate_ids, generate_tex
 from omni_train.export.hf_io import HFReader
 from omni_train.models.thinker.omni import build_omni_thinker
 from omni_train.models.thinker.hf_config import hf_thinker_config
-from tests.integration.test_multimodal_stage import _overrides, synth  # noqa: F401  (fixture)
 
 PROMPT = "What do you hear and see?"
 NEW_TOKENS = 5
 
 
 @pytest.fixture(scope="module")
-def trained(synth, tmp_path_factory):  # noqa: F811
-    """(run dir, export dir): 2 steps of multimodal_pretrain from scratch, exported by the CLI."""
+def trained(multimodal_run, tmp_path_factory):
+    """(run dir, export dir): the session's multimodal_pretrain run from scratch (tests/conftest.py: 3
+    steps on synth shards, step 3 redone after a resume), exported by the CLI."""
+    run_dir, _ = multimodal_run
     root = tmp_path_factory.mktemp("scratch")
-    run_dir = root / "run" / "multimodal_pretrain"
-    omni_train(_overrides(synth, "trainer.max_steps=2", "checkpoint.save_every=100", run_dir=run_dir))
     assert "hf_source" not in json.loads((latest_checkpoint(run_dir / "checkpoints") / MARKER).read_text())
     proc = subprocess.run([sys.executable, "-m", "omni_train.export.convert", "export",
                            str(run_dir / "checkpoints"), str(root / "hf")],
@@ -60,7 +59,7 @@ def media(tmp_path_factory):
 
 def our_thinker(run_dir, encoder):
     """Our OmniThinker as the stage builds it, with the run's final checkpoint loaded."""
-    loaded = OmegaConf.load(run_dir / "config.yaml").model
+    loaded = OmegaConf.load(run_dir / "config.yaml").model.thinker
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ThinkerConfig), loaded))
     model = build_omni_thinker(hf_thinker_config(model_cfg, encoder.ids), model_cfg, ParallelConfig(),
                                device="cpu", params_dtype=torch.float32)
@@ -154,7 +153,7 @@ def test_logits_and_generation_equal_ours(megatron_world1, trained, media, capsy
 
 
 def test_redrawn_weights_export_exactly(megatron_world1, trained, media, tmp_path):
-    """Two training steps leave the small init (outputs barely depend on positions or media), so the
+    """Three training steps leave the small init (outputs barely depend on positions or media), so the
     checkpoint's weights are re-drawn large (as the parity tests do) and saved as a step of a copy of
     the run: a wrong rope section, DeepStack index or tower size in the exported config now shows."""
     run_dir, hf = trained

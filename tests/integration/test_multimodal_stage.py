@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cli import REPO, _env, omni_train, torchrun
+from cli import REPO, _env, torchrun
 from omni_train.config import ConfigError, compose, validate_config
 from omni_train.data.chat import MediaItem
 from omni_train.data.features import audio_features, image_patches, video_patches
@@ -22,13 +22,10 @@ from omni_train.data.media_batch import collate_media
 from omni_train.data.shards import ShardSource
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mm_shards")
-    cmd = [sys.executable, "-m", "data_pipelines.cli", "synth", str(root / "good"), "--samples", "24",
-           "--tokenizer", str(root / "tok"), "--no-progress"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
-    return root
+@pytest.fixture
+def synth(synth_shards):
+    """The session's synthetic shards (tests/conftest.py): ROOT/good, ROOT/tok; read only."""
+    return synth_shards
 
 
 def _overrides(root, *extra, run_dir="unused"):
@@ -61,8 +58,8 @@ def _train_then_repeat_last_step(run, run_dir, *extra):
     return records
 
 
-def test_trains_and_resumes_bitwise(synth, tmp_path):
-    records = _train_then_repeat_last_step(omni_train, tmp_path / "run", synth)
+def test_trains_and_resumes_bitwise(multimodal_run):
+    _, records = multimodal_run  # tests/conftest.py: _train_then_repeat_last_step with omni_train
     losses = [r["loss"] for r in records[:3]]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     straight, resumed = records[2], records[3]
@@ -71,9 +68,10 @@ def test_trains_and_resumes_bitwise(synth, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def data_parallel_run(synth, tmp_path_factory):
+def data_parallel_run(synth_shards, tmp_path_factory):
     """torchrun, 2 data-parallel ranks: 3 steps, then step 3 again from the step-2 checkpoint."""
-    return _train_then_repeat_last_step(partial(torchrun, 2), tmp_path_factory.mktemp("dp") / "run", synth)
+    return _train_then_repeat_last_step(partial(torchrun, 2), tmp_path_factory.mktemp("dp") / "run",
+                                        synth_shards)
 
 
 @pytest.mark.slow

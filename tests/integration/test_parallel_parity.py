@@ -2,23 +2,24 @@
 
 import pytest
 
-from cli import metrics, omni_train, torchrun
+from cli import metrics, torchrun
+from cli import TEXT_6_STEPS as STEPS
 
-STEPS = ["trainer.max_steps=6", "checkpoint.save_every=100", "checkpoint.save_at_end=false"]
 
-
-@pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    omni_train([*STEPS, f"run_dir={run_dir}"])
-    return metrics(run_dir)
+@pytest.fixture
+def single_process(text_run_6_steps):
+    """The session's one-process run of STEPS (tests/conftest.py), by step."""
+    return text_run_6_steps[1]
 
 
 @pytest.mark.parametrize("layout", [[], ["parallel.ep=2"]], ids=["dp2", "ep2"])
-def test_two_processes_match_single_process(tmp_path, single_process, layout):
-    run_dir = tmp_path / "run"
-    torchrun(2, [*STEPS, f"run_dir={run_dir}", *layout])
-    parallel = metrics(run_dir)
+def test_two_processes_match_single_process(tmp_path, single_process, layout, request):
+    if layout:
+        run_dir = tmp_path / "run"
+        torchrun(2, [*STEPS, f"run_dir={run_dir}", *layout])
+        parallel = metrics(run_dir)
+    else:  # plain data parallel: the session's run, which the launcher test compares with too
+        parallel = request.getfixturevalue("text_torchrun_6_steps")[1]
     assert sorted(parallel) == sorted(single_process) == list(range(1, 7))
     for step, reference in single_process.items():
         assert abs(parallel[step]["loss"] - reference["loss"]) <= 1e-5, step

@@ -241,12 +241,12 @@ NAN_GRAD_AT_SAMPLE_21 = """
 import sys
 from omni_train.stages import text_pretrain
 real_forward = text_pretrain.STAGE.forward
-def forward(model, batch):
+def forward(model, batch, frozen=None):
     if "synthetic:21" in batch["keys"]:
         param = dict(model.named_parameters())["module.decoder.layers.1.mlp.router.weight"]
         handle = []
         handle.append(param.register_hook(lambda g: (handle[0].remove(), g * float("nan"))[1]))
-    return real_forward(model, batch)
+    return real_forward(model, batch, frozen)
 text_pretrain.STAGE.forward = forward
 from omni_train.train import main
 sys.argv = ["omni-train"] + sys.argv[1:]

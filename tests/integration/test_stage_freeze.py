@@ -14,13 +14,10 @@ from omni_train.parallel.setup import init_parallel, shutdown_parallel
 ADAPTER = ("audio_tower.ln_post.", "audio_tower.proj1.", "audio_tower.proj2.")
 
 
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    from data_pipelines.pretrain_synth import synth_suite
-
-    root = tmp_path_factory.mktemp("suite")
-    synth_suite(str(root), {"audio_text": 8})
-    return root
+@pytest.fixture
+def suite(synth_suite_root):
+    """The session's synth-suite (tests/conftest.py): ROOT/audio_text, ROOT/tokenizer; read only."""
+    return synth_suite_root
 
 
 def _config(suite, run_dir, *extra):

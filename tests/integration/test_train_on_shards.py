@@ -1,21 +1,15 @@
 """The training loop on real shards (omni-data synth): packed, document-masked batches, exact resume,
 and corrupt samples skipped and counted rather than stopping the run."""
 
-import subprocess
-import sys
-
 import pytest
 
-from cli import REPO, metrics, omni_train
+from cli import metrics, omni_train
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shards")
-    cmd = [sys.executable, "-m", "data_pipelines.cli", "synth", str(root / "good"), "--samples", "24",
-           "--tokenizer", str(root / "tok"), "--corrupt", str(root / "bad"), "--no-progress"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
-    return root
+@pytest.fixture
+def synth(synth_shards):
+    """The session's synthetic shards (tests/conftest.py): ROOT/good, its damaged copy ROOT/bad, ROOT/tok."""
+    return synth_shards
 
 
 def _overrides(root, dataset, run_dir, *extra):

@@ -12,7 +12,7 @@ import torch
 from cli import REPO, _env, metrics, omni_train
 from omni_train.checkpoint.manager import latest_checkpoint
 from omni_train.export.hf_io import HFReader
-from tests.parity.test_convert import assert_export_gives_our_logits, tiny_omni_model
+from tests.parity.test_convert import assert_export_gives_our_logits
 
 # conf/model overrides giving the tiny HF thinker's text sizes (tests/parity/test_convert.py)
 MODEL = ["model.thinker.vocab_size=128", "model.thinker.hidden_size=32", "model.thinker.num_layers=2", "model.thinker.num_attention_heads=4",
@@ -27,11 +27,9 @@ def convert(*args):
 
 
 @pytest.fixture
-def hf_dir(tmp_path):
-    model = tiny_omni_model()
-    path = tmp_path / "hf"
-    model.save_pretrained(path)
-    return path
+def hf_dir(tiny_hf_omni_dir):
+    """tests/parity/test_convert.py's tiny_omni_model(), saved once per session (tests/conftest.py)."""
+    return tiny_hf_omni_dir
 
 
 def test_train_export_reload(megatron_world1, hf_dir, tmp_path):

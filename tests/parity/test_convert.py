@@ -75,12 +75,11 @@ def tiny_omni_model(seed: int = 0) -> Qwen3OmniMoeForConditionalGeneration:
     return model
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    model = tiny_omni_model()
-    path = tmp_path_factory.mktemp("hf")
-    model.save_pretrained(path, max_shard_size="200KB")  # several shards: the reader follows the index
-    return path
+@pytest.fixture
+def hf_dir(tiny_hf_omni_dir):
+    """tiny_omni_model() saved in several shards (the reader follows the index), once per session
+    (tests/conftest.py); read only."""
+    return tiny_hf_omni_dir
 
 
 def read_all(root) -> dict:

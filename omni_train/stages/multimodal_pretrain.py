@@ -9,7 +9,6 @@ model and data agree. Which parameters train is the stage config's (``stage.trai
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict
 
 import torch
 from megatron.core.utils import unwrap_model

@@ -19,9 +19,8 @@ from omegaconf import OmegaConf
 
 from omni_train.checkpoint.manager import load_model_weights, resolve_init_from
 from omni_train.config import FrozenModelConfig, ModelConfig, TrainConfig
+from omni_train.export.from_run import run_config_path
 from omni_train.parallel.process_state import preserved_rng
-
-RUN_CONFIG = "config.yaml"
 
 
 class FrozenModel(torch.nn.Module):
@@ -47,7 +46,7 @@ class FrozenModel(torch.nn.Module):
 def source_model_config(source: Path, fallback: ModelConfig) -> ModelConfig:
     """The sizes of the run that wrote checkpoint ``source`` (its ``<run_dir>/config.yaml``); an imported
     checkpoint, which has no run config, has the trained model's sizes."""
-    path = Path(source).resolve().parent.parent / RUN_CONFIG
+    path = run_config_path(source)
     if not path.exists():
         return fallback
     loaded = OmegaConf.load(path)

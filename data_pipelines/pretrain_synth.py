@@ -1,7 +1,8 @@
-"""`omni-data synth-suite`: one synthetic dataset per pretraining data kind, sharing one tokenizer.
+"""`omni-data synth-suite`: one synthetic dataset per data kind, sharing one tokenizer.
 
 The pretraining stages mix data by kind (report section 3): text, audio-text, image-text, video-text and
-video-audio, plus long audio and long video for the long-context stage. Each kind becomes its own dataset
+video-audio, plus long audio and long video for the long-context stage; post-training adds SFT
+conversations, teacher responses and captions (posttrain_synth.py). Each kind becomes its own dataset
 directory (ROOT/<kind>, built through the normal build path), so recipes weight them like real corpora;
 ROOT/tokenizer is a small BPE tokenizer trained on every kind's texts. Answers follow from the media where
 cheap (durations, image sizes), so the towers have something to learn. Deterministic in the seed.
@@ -17,6 +18,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from data_pipelines.build import BuildOptions, build
+from data_pipelines.posttrain_synth import caption_entry, distill_entry, sft_entry
 from data_pipelines.sources import ManifestSource
 from data_pipelines.synth import write_audio, write_image, write_video
 
@@ -74,6 +76,10 @@ KINDS: Dict[str, Callable[..., Entry]] = {
     "video_audio": lambda i, rng, src: _video(i, rng, src, with_audio=True),
     "long_audio": lambda i, rng, src: _audio(i, rng, src, long=True),
     "long_video": lambda i, rng, src: _video(i, rng, src, long=True, with_audio=True),
+    # post-training (data_pipelines/posttrain_synth.py)
+    "sft": sft_entry,
+    "distill": distill_entry,
+    "caption": caption_entry,
 }
 
 

@@ -189,6 +189,39 @@ class SyntheticTextDataConfig(DataConfig):
 
 
 @dataclass
+class ChatConfig:
+    """How a conversation becomes tokens and targets (omni_train/data/chat.py)."""
+
+    # An assistant turn's reasoning (`reasoning_content`, or a <think>...</think> block at the start of its
+    # text): "raw": the text as written (pretraining); "keep": every assistant turn as
+    # "<think>\n{reasoning}\n</think>\n\n{answer}", an empty block where it has none (trl's Qwen3 training
+    # template); "empty": the block always empty (non-thinking responses); "strip": no block at all;
+    # "last": kept in the turns after the last user message, stripped before it (Qwen3's own template at
+    # inference, so multi-turn history looks as it will when the model is served).
+    think: str = "raw"
+    # Added as the first message of a conversation that has no system message (null: none added).
+    system_prompt: Optional[str] = None
+    # The "\n" after an assistant turn's <|im_end|> is a target too (trl's Qwen3 training template marks it).
+    target_newline_after_end: bool = False
+
+
+@dataclass
+class ResponsesConfig:
+    """Which assistant turns a conversation trains on (omni_train/data/responses.py)."""
+
+    source: str = "messages"  # "messages": the sample's own; "teacher": a stored teacher response
+    teachers: List[str] = field(default_factory=list)  # teacher `model` names to take (empty: any)
+    modes: List[str] = field(default_factory=list)  # teacher `mode`s to take, e.g. [no_think] (empty: any)
+    pick: str = "first"  # among matching entries: "first" | "random" (seeded by data.seed and the sample key)
+    drop_truncated: bool = True  # skip (and count) a teacher response that stopped at its length limit
+    # K > 0: load the first K of the teacher's stored top log-probabilities (distill_offpolicy's logit term)
+    top_logprobs: int = 0
+    # A conversation with no assistant turn to train on is skipped and counted (fine-tuning) instead of
+    # being packed without targets.
+    require_targets: bool = False
+
+
+@dataclass
 class ShardsDataConfig(DataConfig):
     """Weighted WebDataset datasets, chat-encoded and packed to trainer.seq_length (omni_train/data/shards.py)."""
 
@@ -203,6 +236,8 @@ class ShardsDataConfig(DataConfig):
     max_consecutive_failures: int = 100
     max_skip_rate: float = 0.05
     min_samples_for_skip_rate: int = 1000
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
 
 
 # conf/data/<name>.yaml <-> its schema (registered in Hydra's ConfigStore as data/<name>_schema)
@@ -253,6 +288,15 @@ class FrozenModelConfig:
 
 
 @dataclass
+class StageLossConfig:
+    """Loss terms and weights of the stages that have more than one (read by the stage's ``options``)."""
+
+    # distill_offpolicy: weight of the top-k logit term (KL to the teacher's stored top-k + tail) next to
+    # the cross-entropy on the teacher's response; both are means over the response tokens
+    top_k_weight: float = 1.0
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     # The registered stage whose code (model, data, forward) this stage runs (omni_train/stages/__init__.py);
@@ -267,6 +311,7 @@ class StageConfig:
     # Consecutive phases, each with its own trainable/frozen patterns (replacing the two above); their
     # steps must add up to trainer.max_steps. Empty: one phase, the whole run.
     phases: List[PhaseConfig] = field(default_factory=list)
+    loss: StageLossConfig = field(default_factory=StageLossConfig)
 
 
 @dataclass

@@ -25,6 +25,9 @@ CHOICES = {
     "data.name": ("synthetic_text", "shards"),
     "data.weight_by": ("samples", "tokens"),
     "data.overlong": ("split", "drop"),
+    "data.chat.think": ("raw", "keep", "empty", "strip", "last"),
+    "data.responses.source": ("messages", "teacher"),
+    "data.responses.pick": ("first", "random"),
 }
 
 POSITIVE = (
@@ -54,6 +57,14 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    _require(cfg.stage.loss.top_k_weight >= 0, "stage.loss.top_k_weight",
+             f"must be >= 0, got {cfg.stage.loss.top_k_weight}")
+    if cfg.data.name == "shards":
+        _require(cfg.data.responses.top_logprobs >= 0, "data.responses.top_logprobs",
+                 f"must be >= 0, got {cfg.data.responses.top_logprobs}")
+        _require(cfg.data.responses.top_logprobs == 0 or cfg.data.responses.source == "teacher",
+                 "data.responses.top_logprobs", "top log-probabilities come with teacher responses "
+                 "(data.responses.source=teacher)")
     model = cfg.model.thinker
     _require(cfg.model.talker is None, "model.talker",
              "no stage builds the Talker yet (its model and stages come with their own issues)")

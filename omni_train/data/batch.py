@@ -21,6 +21,10 @@ the stage's forward runs on them. B: micro-batch rows, L: sequence length (``tra
     media         MediaInputs        device   the towers' inputs, collated on the host by the loader
     media_sizes   MediaSizes         host     never moved: what the towers' plans are computed from
     keys          list[str | None]   host     the documents' sample keys, in order
+  with data.responses.top_logprobs K > 0 (off-policy distillation), a teacher's top-k per label:
+    top_ids       int64   [B, L, K]  device   token ids
+    top_logprobs  float32 [B, L, K]  device   the teacher's log-probabilities of them
+    top_mask      bool    [B, L]     device   True where the label has the teacher's distribution
 
 Media are collated in the loader (``data.media_batch.collate_media``), so ``to_device`` copies the
 towers' inputs with the tokens, all of them non-blocking. The towers' plans (audio chunking, vision
@@ -36,6 +40,7 @@ from typing import Any, Dict, List, Optional, TypedDict, Union
 import torch
 
 from omni_train.data.media_batch import collate_media
+from omni_train.data.packing import TOP_KEYS
 
 
 class TextBatch(TypedDict):
@@ -82,12 +87,13 @@ HOST_KEYS = ("media_sizes",)
 
 # What collate_packed returns: a key it grows or loses must be taken into ShardBatch here, not dropped.
 _PACKED_KEYS = frozenset(ShardBatch.__annotations__) - {"media_sizes"}
+_OPTIONAL_KEYS = frozenset(TOP_KEYS)
 
 
 def shard_batch(packed: Dict[str, Any]) -> ShardBatch:
     """``data.packing.collate_packed``'s micro-batch -> ``ShardBatch``, its media items collated into the
     towers' inputs. A key missing from ``packed``, or one the contract does not know, is an error."""
-    missing, unknown = _PACKED_KEYS - packed.keys(), packed.keys() - _PACKED_KEYS
+    missing, unknown = _PACKED_KEYS - packed.keys(), packed.keys() - _PACKED_KEYS - _OPTIONAL_KEYS
     if missing or unknown:
         raise KeyError(f"packed batch: missing {sorted(missing)}, not in ShardBatch {sorted(unknown)}")
     media = MediaInputs(**collate_media(packed["media"]))
@@ -97,6 +103,7 @@ def shard_batch(packed: Dict[str, Any]) -> ShardBatch:
         modality_ids=packed["modality_ids"], cu_seqlens=packed["cu_seqlens"],
         max_seqlen=int(packed["max_seqlen"]), media=media,
         media_sizes=MediaSizes(**{k: media[k] for k in MediaSizes.__annotations__}), keys=packed["keys"],
+        **{k: packed[k] for k in TOP_KEYS if k in packed},
     )
 
 

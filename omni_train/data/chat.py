@@ -12,7 +12,12 @@ track, ``<|vision_start|><|audio_start|>`` + video and audio placeholders interl
 ``features.py`` computes, as the reference processor does.
 
 The loss mask is True on assistant content and its closing ``<|im_end|>``, never on the
-``<|im_start|>assistant\\n`` header, the ``\\n`` after ``<|im_end|>``, or a media placeholder.
+``<|im_start|>assistant\\n`` header or a media placeholder; the ``\\n`` after an assistant ``<|im_end|>`` is a
+target only with ``target_newline_after_end`` (as trl's Qwen3 training template marks it).
+
+Reasoning (``think``, see ``THINK_MODES``): an assistant turn's reasoning is its ``reasoning_content`` or
+the ``<think>...</think>`` block its text starts with (split as Qwen3's template splits it); it is rendered
+``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``, emptied or left out, per turn, by the mode.
 Text is tokenized piece by piece between special tokens (the header on its own, as the generation
 prompt is at inference), which equals tokenizing the whole rendered string except where a content
 starts with whitespace that BPE would merge with the header's newline.
@@ -48,6 +53,66 @@ TOKENIZER_MEDIA_ATTRS = {
     "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
 }
 ROLES = ("system", "user", "assistant")
+THINK_TOKENS = ("<think>", "</think>")
+# raw: text as written; keep: a block in every assistant turn (empty where there is no reasoning);
+# empty: an empty block in every assistant turn; strip: no block; last: keep after the last user message,
+# strip before it (Qwen3's template)
+THINK_MODES = ("raw", "keep", "empty", "strip", "last")
+
+
+def split_reasoning(message: Dict[str, Any]) -> Tuple[str, Any]:
+    """(reasoning, content without it) of an assistant message, as Qwen3's chat template splits them:
+    ``reasoning_content`` if given, else the text before ``</think>`` (after ``<think>``) of a string
+    content or of its first text part."""
+    content = message.get("content")
+    if isinstance(message.get("reasoning_content"), str):
+        return message["reasoning_content"], content
+
+    def split(text: str) -> Tuple[str, str]:
+        if "</think>" not in text:
+            return "", text
+        return (text.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n"),
+                text.split("</think>")[-1].lstrip("\n"))
+
+    if isinstance(content, str):
+        return split(content)
+    parts = list(content or [])
+    for i, part in enumerate(parts):
+        if part.get("type") == "text":
+            reasoning, text = split(str(part.get("text", "")))
+            return reasoning, parts[:i] + [{**part, "text": text}] + parts[i + 1:]
+    return "", parts
+
+
+def render_reasoning(message: Dict[str, Any], keep: Optional[bool]) -> Dict[str, Any]:
+    """The assistant message with its reasoning as a leading ``<think>`` block (``keep`` True), an empty
+    block (False) or none (None)."""
+    reasoning, content = split_reasoning(message)
+    block = "" if keep is None else f"<think>\n{reasoning.strip(chr(10)) if keep else ''}\n</think>\n\n"
+    if isinstance(content, str):
+        return {"role": "assistant", "content": block + (content.lstrip("\n") if block else content)}
+    parts = list(content)
+    first_text = next((i for i, p in enumerate(parts) if p.get("type") == "text"), None)
+    if block and first_text is not None:
+        parts[first_text] = {**parts[first_text], "text": str(parts[first_text].get("text", "")).lstrip("\n")}
+    return {"role": "assistant", "content": ([{"type": "text", "text": block}] if block else []) + parts}
+
+
+def apply_think_mode(messages: Sequence[Dict[str, Any]], mode: str) -> List[Dict[str, Any]]:
+    """The conversation with every assistant turn's reasoning rendered as ``mode`` says (THINK_MODES)."""
+    if mode not in THINK_MODES:
+        raise ValueError(f"think mode must be one of {THINK_MODES}, got {mode!r}")
+    if mode == "raw":
+        return list(messages)
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    out = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            out.append(message)
+            continue
+        keep = {"keep": True, "empty": False, "strip": None, "last": True if i > last_user else None}[mode]
+        out.append(render_reasoning(message, keep))
+    return out
 
 
 @dataclass
@@ -68,6 +133,11 @@ class EncodedSample:
     speech_targets: List[Dict[str, Any]] = field(default_factory=list)  # assistant audio: name, audio, codec
     key: Optional[str] = None
     position_ids: Optional[torch.Tensor] = None  # [3, n] TM-RoPE ids (rope_index.py); int64, float32 if fractional
+    # per assistant turn: [start, end) of its content and closing <|im_end|> in input_ids
+    assistant_spans: List[Tuple[int, int]] = field(default_factory=list)
+    # a teacher's top-k distribution over target tokens (data/responses.py): ids int [n, K],
+    # logprobs float [n, K], mask bool [n] (True where the row holds the teacher's distribution of that token)
+    top_logprobs: Optional[Dict[str, np.ndarray]] = None
 
     def labels(self, ignore_index: int = -100) -> torch.Tensor:
         """input_ids where the token is a target, ``ignore_index`` elsewhere (unshifted)."""
@@ -115,8 +185,13 @@ class ChatEncoder:
     """Encodes samples from ``decode_sample`` for the Thinker."""
 
     def __init__(self, tokenizer, audio_cfg: AudioFeatureConfig = AudioFeatureConfig(),
-                 vision_cfg: VisionFeatureConfig = VisionFeatureConfig(), position_id_per_seconds: float = 13.0):
+                 vision_cfg: VisionFeatureConfig = VisionFeatureConfig(), position_id_per_seconds: float = 13.0,
+                 think: str = "raw", system_prompt: Optional[str] = None, target_newline_after_end: bool = False):
+        if think not in THINK_MODES:
+            raise ValueError(f"think mode must be one of {THINK_MODES}, got {think!r}")
         self.tokenizer = tokenizer
+        self.think, self.system_prompt = think, system_prompt
+        self.target_newline_after_end = target_newline_after_end
         self.audio_cfg = audio_cfg
         self.vision_cfg = vision_cfg
         self.position_id_per_seconds = position_id_per_seconds
@@ -194,12 +269,18 @@ class ChatEncoder:
         b = _Builder(self.tokenizer)
         items: List[MediaItem] = []
         speech: List[Dict[str, Any]] = []
-        for message in messages:
+        spans: List[Tuple[int, int]] = []
+        if self.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        for message in apply_think_mode(messages, self.think):
             role = message.get("role")
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r}")
             b.tokens([self.ids["im_start"]], False)
             b.text(f"{role}\n", False)
+            if role == "assistant":
+                b.flush()
+            start = len(b.ids)
             content = message.get("content")
             if isinstance(content, str):
                 b.text(content, role == "assistant")
@@ -207,14 +288,17 @@ class ChatEncoder:
                 for part in content or []:
                     self._part(b, part, role, media, items, speech)
             b.tokens([self.ids["im_end"]], role == "assistant")
-            b.text("\n", False)
+            if role == "assistant":
+                spans.append((start, len(b.ids)))
+            b.text("\n", role == "assistant" and self.target_newline_after_end)
         if add_generation_prompt:
             b.tokens([self.ids["im_start"]], False)
             b.text("assistant\n", False)
         b.flush()
         input_ids = torch.tensor(b.ids, dtype=torch.long)
         return EncodedSample(input_ids=input_ids, loss_mask=torch.tensor(b.mask, dtype=torch.bool), media=items,
-                             speech_targets=speech, key=key, position_ids=self.position_ids(input_ids, items))
+                             speech_targets=speech, key=key, position_ids=self.position_ids(input_ids, items),
+                             assistant_spans=spans)
 
     def position_ids(self, input_ids: torch.Tensor, items: Sequence[MediaItem]) -> torch.Tensor:
         """TM-RoPE ids [3, n] of one encoded conversation, as the reference thinker's ``get_rope_index``."""
@@ -238,7 +322,7 @@ class ChatEncoder:
 def build_test_tokenizer(out_dir: str, extra_texts: Sequence[str] = (), vocab_size: int = 512):
     """A small byte-level BPE tokenizer with Qwen's special tokens (ids < vocab), saved to ``out_dir``
     so ``AutoTokenizer.from_pretrained(out_dir)`` loads it. For tests and demos, not for training."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     qwen_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -257,5 +341,7 @@ def build_test_tokenizer(out_dir: str, extra_texts: Sequence[str] = (), vocab_si
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    extra_special_tokens=dict(TOKENIZER_MEDIA_ATTRS))
+    # Qwen3's reasoning markers: whole tokens, but not special (decoding keeps them), as in Qwen's tokenizer
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     fast.save_pretrained(out_dir)
     return fast

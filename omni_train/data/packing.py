@@ -14,6 +14,8 @@ end, then padding. Per sequence:
 - ``document_ids [L]`` (0.. in order, -1 on padding) and ``cu_seqlens`` (int32, starts of documents
   plus ``L``; padding, when any, is the last segment) for attention boundaries.
 - ``media``: the documents' media items in order, ``media_spans`` their ``[start, end)`` in this sequence.
+- with ``top_k`` > 0: ``top_ids [L, K]``, ``top_logprobs [L, K]`` and ``top_mask [L]``, a teacher's top-k
+  distribution of each position's label (shifted like the labels; rows without one: mask False).
 
 Too-long documents follow ``policy``: ``"split"`` cuts them into pieces of at most ``max_length``, moving a
 cut that would fall inside a media span back to the span's start (a document whose single media span
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 POLICIES = ("split", "drop")
+TOP_KEYS = ("top_ids", "top_logprobs", "top_mask")  # a teacher's top-k per label (packer top_k > 0)
 # What a document's target tokens count towards in the per-modality losses: its richest input medium.
 MODALITIES = ("text", "audio", "image", "video")
 
@@ -54,6 +57,7 @@ class Document:
     media: List[Any] = field(default_factory=list)  # one item per span
     key: Optional[str] = None
     modality: int = 0  # index into MODALITIES
+    top_logprobs: Optional[Dict[str, np.ndarray]] = None  # ids [n, K], logprobs [n, K], mask [n] (per token)
 
     @classmethod
     def from_encoded(cls, sample) -> "Document":
@@ -61,7 +65,7 @@ class Document:
         pos = None if sample.position_ids is None else np.asarray(sample.position_ids)
         return cls(np.asarray(sample.input_ids, dtype=np.int64), np.asarray(sample.loss_mask, dtype=bool),
                    pos, [tuple(m.span) for m in sample.media], list(sample.media), sample.key,
-                   document_modality(m.kind for m in sample.media))
+                   document_modality(m.kind for m in sample.media), getattr(sample, "top_logprobs", None))
 
 
 @dataclass
@@ -77,12 +81,30 @@ class PackedSequence:
     media_spans: List[Tuple[int, int]]
     keys: List[Optional[str]]
     num_pad: int
+    top: Optional[Dict[str, torch.Tensor]] = None  # top_ids [L, K], top_logprobs [L, K], top_mask [L]
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _piece(doc: Document, start: int, end: int, pad_id: int) -> Dict[str, Any]:
+def _shifted(x: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Rows [start, end) of x moved one token earlier (row t holds token t+1's; the last row zero)."""
+    return np.concatenate([x[1:], np.zeros_like(x[:1])])[start:end]
+
+
+def _top_piece(doc: Document, start: int, end: int, k: int) -> Dict[str, np.ndarray]:
+    if doc.top_logprobs is None:
+        n = end - start
+        return {"top_ids": np.zeros((n, k), np.int64), "top_logprobs": np.zeros((n, k), np.float32),
+                "top_mask": np.zeros(n, bool)}
+    top = doc.top_logprobs
+    if top["ids"].shape[1] != k:
+        raise ValueError(f"document {doc.key}: top-{top['ids'].shape[1]} log-probabilities, the packer takes {k}")
+    return {"top_ids": _shifted(top["ids"], start, end), "top_logprobs": _shifted(top["logprobs"], start, end),
+            "top_mask": _shifted(top["mask"], start, end)}
+
+
+def _piece(doc: Document, start: int, end: int, pad_id: int, top_k: int = 0) -> Dict[str, Any]:
     """Slice [start, end) of a document with its next-token labels (the document's last token: none)."""
     ids = np.asarray(doc.input_ids, dtype=np.int64)
     mask = np.asarray(doc.loss_mask, dtype=bool)
@@ -91,10 +113,13 @@ def _piece(doc: Document, start: int, end: int, pad_id: int) -> Dict[str, Any]:
     pos = (np.broadcast_to(np.arange(start, end), (3, end - start)) if doc.position_ids is None
            else np.asarray(doc.position_ids)[:, start:end])
     inside = [i for i, (s, e) in enumerate(doc.media_spans) if start <= s and e <= end]
-    return {"input_ids": ids[start:end].copy(), "labels": labels, "loss_mask": label_mask,
-            "position_ids": np.array(pos), "media": [doc.media[i] for i in inside],
-            "media_spans": [(doc.media_spans[i][0] - start, doc.media_spans[i][1] - start) for i in inside],
-            "key": doc.key, "modality": doc.modality}
+    piece = {"input_ids": ids[start:end].copy(), "labels": labels, "loss_mask": label_mask,
+             "position_ids": np.array(pos), "media": [doc.media[i] for i in inside],
+             "media_spans": [(doc.media_spans[i][0] - start, doc.media_spans[i][1] - start) for i in inside],
+             "key": doc.key, "modality": doc.modality}
+    if top_k:
+        piece.update(_top_piece(doc, start, end, top_k))
+    return piece
 
 
 def split_points(length: int, max_length: int, spans: Sequence[Tuple[int, int]]) -> Optional[List[int]]:
@@ -118,12 +143,13 @@ def split_points(length: int, max_length: int, spans: Sequence[Tuple[int, int]])
 class SequencePacker:
     """Streaming best-fit packer. ``add(doc)`` returns the sequences completed by it; ``flush()`` the rest."""
 
-    def __init__(self, max_length: int, pad_id: int, policy: str = "split", max_open: int = 8):
+    def __init__(self, max_length: int, pad_id: int, policy: str = "split", max_open: int = 8, top_k: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if max_length < 2 or max_open < 1:
             raise ValueError("max_length must be >= 2 and max_open >= 1")
         self.max_length, self.pad_id, self.policy, self.max_open = max_length, pad_id, policy, max_open
+        self.top_k = top_k
         self.open: List[List[Dict[str, Any]]] = []
         self.stats = {"documents": 0, "pieces": 0, "tokens": 0, "pad_tokens": 0, "sequences": 0,
                       "split_documents": 0, "dropped_documents": 0, "dropped_tokens": 0,
@@ -145,7 +171,7 @@ class SequencePacker:
         if n == 0:
             return []
         if n <= self.max_length:
-            return [_piece(doc, 0, n, self.pad_id)]
+            return [_piece(doc, 0, n, self.pad_id, self.top_k)]
         cuts = split_points(n, self.max_length, doc.media_spans) if self.policy == "split" else None
         if cuts is None:
             self.stats["dropped_documents"] += 1
@@ -154,7 +180,7 @@ class SequencePacker:
             return []
         self.stats["split_documents"] += 1
         bounds = [0, *cuts, n]
-        return [_piece(doc, a, b, self.pad_id) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [_piece(doc, a, b, self.pad_id, self.top_k) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _room(self, i: int) -> int:
         return self.max_length - sum(len(p["input_ids"]) for p in self.open[i])
@@ -217,24 +243,37 @@ class SequencePacker:
         spans = [(int(s + off), int(e + off)) for p, off in zip(pieces, offsets) for s, e in p["media_spans"]]
         self.stats["sequences"] += 1
         self.stats["pad_tokens"] += pad
+        top = None
+        if self.top_k:
+            k = self.top_k
+            top = {"top_ids": np.concatenate([*(p["top_ids"] for p in pieces), np.zeros((pad, k), np.int64)]),
+                   "top_logprobs": np.concatenate([*(p["top_logprobs"] for p in pieces),
+                                                   np.zeros((pad, k), np.float32)]),
+                   "top_mask": np.concatenate([*(p["top_mask"] for p in pieces), np.zeros(pad, bool)])}
+            top = {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in top.items()}
         return PackedSequence(
             input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels), loss_mask=torch.from_numpy(mask),
             position_ids=torch.from_numpy(np.ascontiguousarray(pos)), document_ids=torch.from_numpy(doc_ids),
             cu_seqlens=torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32),
             modality_ids=torch.from_numpy(modality),
             media=[m for p in pieces for m in p["media"]], media_spans=spans,
-            keys=[p["key"] for p in pieces], num_pad=int(pad))
+            keys=[p["key"] for p in pieces], num_pad=int(pad), top=top)
 
     # ----------------------------------------------------------------------------------------- state
+    def _config(self) -> Dict[str, Any]:
+        config = {"max_length": self.max_length, "pad_id": self.pad_id, "policy": self.policy,
+                  "max_open": self.max_open}
+        if self.top_k:  # absent otherwise, so that checkpoints written before it load
+            config["top_k"] = self.top_k
+        return config
+
     def state_dict(self) -> Dict[str, Any]:
         """Open sequences (their pieces: numpy arrays and media payloads) and counters; torch.save-able."""
-        return {"config": {"max_length": self.max_length, "pad_id": self.pad_id, "policy": self.policy,
-                           "max_open": self.max_open},
+        return {"config": self._config(),
                 "open": copy.deepcopy(self.open), "stats": dict(self.stats)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        mine = {"max_length": self.max_length, "pad_id": self.pad_id, "policy": self.policy,
-                "max_open": self.max_open}
+        mine = self._config()
         if state["config"] != mine:
             raise ValueError(f"packer state was saved with {state['config']}, this packer has {mine}")
         self.open = copy.deepcopy(state["open"])
@@ -258,4 +297,5 @@ def collate_packed(seqs: Sequence[PackedSequence]) -> Dict[str, Any]:
         "cu_seqlens": torch.cat(cu).to(torch.int32),
         "media": [m for s in seqs for m in s.media],
         "keys": [k for s in seqs for k in s.keys],  # the documents' sample keys, in order
+        **({name: torch.stack([s.top[name] for s in seqs]) for name in TOP_KEYS} if seqs[0].top is not None else {}),
     }

@@ -18,26 +18,38 @@ from omni_train.data.chat import ChatEncoder
 from omni_train.data.decode import decode_sample
 from omni_train.data.mixture import build_loader
 from omni_train.data.packing import Document, SequencePacker, collate_packed
+from omni_train.data.responses import encode_with_responses
 
 
-def encode_raw_sample(raw: Dict[str, Any], encoder: ChatEncoder, video_fps: float):
+def encode_raw_sample(raw: Dict[str, Any], encoder: ChatEncoder, video_fps: float, responses=None, seed: int = 0):
     """webdataset's raw sample -> EncodedSample (raises SampleError for bad data: the loader skips it)."""
-    return encoder.encode(decode_sample(raw, video_fps=video_fps))
+    sample = decode_sample(raw, video_fps=video_fps)
+    if responses is None:
+        return encoder.encode(sample)
+    return encode_with_responses(sample, encoder, responses, seed)
+
+
+def chat_encoder(cfg: DataConfig) -> ChatEncoder:
+    """The run's encoder: data.tokenizer with data.chat's rendering."""
+    chat = cfg.chat
+    return ChatEncoder.from_pretrained(cfg.tokenizer, think=chat.think, system_prompt=chat.system_prompt,
+                                       target_newline_after_end=chat.target_newline_after_end)
 
 
 class ShardSource:
     def __init__(self, cfg: DataConfig, seq_length: int, micro_batch: int, num_micro_batches: int,
                  dp_rank: int, dp_size: int):
-        self.encoder = ChatEncoder.from_pretrained(cfg.tokenizer)
+        self.encoder = chat_encoder(cfg)
         self.loader = build_loader(
             [(d.path, d.weight) for d in cfg.datasets], weight_by=cfg.weight_by, rank=dp_rank,
             world_size=dp_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer,
-            seed=cfg.seed, transform=partial(encode_raw_sample, encoder=self.encoder, video_fps=cfg.video_fps),
+            seed=cfg.seed, transform=partial(encode_raw_sample, encoder=self.encoder, video_fps=cfg.video_fps,
+                              responses=cfg.responses, seed=cfg.seed),
             max_consecutive_failures=cfg.max_consecutive_failures, max_skip_rate=cfg.max_skip_rate,
             min_samples_for_skip_rate=cfg.min_samples_for_skip_rate,
         )
         self.packer = SequencePacker(seq_length, pad_id=self.encoder.tokenizer.pad_token_id,
-                                     policy=cfg.overlong)
+                                     policy=cfg.overlong, top_k=cfg.responses.top_logprobs)
         self.ready: deque = deque()
         self.micro_batch, self.num_micro_batches = micro_batch, num_micro_batches
 

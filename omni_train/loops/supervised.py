@@ -42,6 +42,7 @@ class SupervisedLoop:
         self.session = session
         self.cfg, self.env = session.cfg, session.env
         self.report = LossReport()
+        self.forward_options = session.stage.forward_options(self.cfg)
         self.nonfinite = NonFiniteGuard(self.cfg.trainer.nonfinite, self.cfg.trainer.max_nonfinite_skips,
                                         self.env.device)
         self.preemption: Optional[Preemption] = None  # set by fit(); train_step asks it before each update
@@ -68,7 +69,7 @@ class SupervisedLoop:
         self._connected = self.model
 
     def _forward_step(self, data_iterator, model):
-        return self.session.stage.forward(model, next(data_iterator), self.session.frozen)
+        return self.session.stage.forward(model, next(data_iterator), self.session.frozen, **self.forward_options)
 
     def _prepare(self, batch):
         batch = split_for_context_parallel(batch, parallel_state.get_context_parallel_rank(),

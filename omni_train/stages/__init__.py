@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,6 +19,7 @@ from omni_train.config import StageConfig
 STAGES = {
     "text_pretrain": "omni_train.stages.text_pretrain",
     "multimodal_pretrain": "omni_train.stages.multimodal_pretrain",
+    "distill_offpolicy": "omni_train.stages.distill_offpolicy",
 }
 
 
@@ -34,6 +35,12 @@ class Stage:
     # (loss_sum, num_tokens, report)); report: {name: tensor [2] (sum, count)}, logged as sum / count over
     # the global batch (omni_train/loops/report.py), "loss" being the optimised one.
     forward: Callable[..., Tuple[torch.Tensor, Callable]]
+    # (TrainConfig) -> keyword arguments the forward takes from the config (e.g. loss weights), checked
+    # before anything is built; None: the forward takes none.
+    options: Optional[Callable[..., Dict[str, Any]]] = None
+
+    def forward_options(self, cfg) -> Dict[str, Any]:
+        return self.options(cfg) if self.options is not None else {}
 
 
 def stage_code(cfg: StageConfig) -> str:

@@ -1,0 +1,105 @@
+"""Synthetic conversations for the Thinker's post-training stages (`omni-data synth-suite` kinds).
+
+- ``sft``: ChatML conversations of every shape SFT meets: system prompts, multi-turn text, thinking
+  responses (a ``<think>`` block) and plain ones, audio, image, video with its audio track, mixed media.
+- ``distill``: prompts whose stored ``teacher`` responses come from two teachers in think and no-think
+  modes (off-policy distillation trains on them; the sample's own answer is a weaker one).
+- ``caption``: audio in, a long detailed description out (the report's Captioner, section 4.3).
+
+Answers follow from the prompt or the media (sums, durations, sizes), so a tiny model can learn them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+from data_pipelines.synth import write_audio, write_image, write_video
+
+Entry = Tuple[dict, List[dict]]
+
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly and exactly.")
+
+
+def _user(media: List[dict], text: str) -> dict:
+    return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
+
+
+def _think(reasoning: str, answer: str) -> str:
+    return f"<think>\n{reasoning}\n</think>\n\n{answer}"
+
+
+def sft_entry(i: int, rng, src: str) -> Entry:
+    a, b = int(rng.integers(1, 50)), int(rng.integers(1, 50))
+    shape = i % 6
+    if shape == 0:  # system prompt + multi-turn text
+        return {"messages": [{"role": "system", "content": SYSTEM_PROMPTS[i % 2]},
+                             {"role": "user", "content": f"What is {a} plus {b}?"},
+                             {"role": "assistant", "content": f"{a + b}."},
+                             {"role": "user", "content": "And minus 1?"},
+                             {"role": "assistant", "content": f"{a + b - 1}."}]}, []
+    if shape == 1:  # a thinking response
+        return {"messages": [{"role": "user", "content": f"Is {a} bigger than {b}?"},
+                             {"role": "assistant", "content": _think(f"Compare {a} with {b}.",
+                                                                     "Yes." if a > b else "No.")}]}, []
+    if shape == 2:
+        seconds = round(float(rng.uniform(1.0, 3.0)), 2)
+        name = f"{i}_speech.flac"
+        described = write_audio(os.path.join(src, name), rng, seconds, 16000)
+        return {"messages": [_user([{"type": "audio", "audio": name}], "How long is the recording?"),
+                             {"role": "assistant", "content": f"About {round(seconds)} seconds."}]}, \
+            [{**described, "file": name}]
+    if shape == 3:
+        name = f"{i}_picture.png"
+        described = write_image(os.path.join(src, name), rng, "PNG")
+        return {"messages": [{"role": "system", "content": SYSTEM_PROMPTS[0]},
+                             _user([{"type": "image", "image": name}], "How wide is the picture?"),
+                             {"role": "assistant", "content": _think("Read the width.",
+                                                                     f"{described['width']} pixels.")}]}, \
+            [{**described, "file": name}]
+    if shape == 4:
+        seconds = 2 + i % 2
+        name = f"{i}_clip.mp4"
+        described = write_video(os.path.join(src, name), rng, seconds=seconds)
+        part = {"type": "video", "video": name, "use_audio_in_video": True}
+        return {"messages": [_user([part], "What happens, and what do you hear?"),
+                             {"role": "assistant", "content": f"A square crosses in {seconds} seconds; someone hums."}]}, \
+            [{**described, "file": name}]
+    audio, image = f"{i}_speech.flac", f"{i}_picture.png"
+    seconds = round(float(rng.uniform(1.0, 2.0)), 2)
+    media = [{**write_audio(os.path.join(src, audio), rng, seconds, 16000), "file": audio},
+             {**write_image(os.path.join(src, image), rng, "PNG"), "file": image}]
+    return {"messages": [_user([{"type": "audio", "audio": audio}, {"type": "image", "image": image}],
+                               "Describe both."),
+                         {"role": "assistant", "content": f"{round(seconds)} seconds of speech and a "
+                                                          f"{media[1]['width']} pixel wide picture."}]}, media
+
+
+def distill_entry(i: int, rng, src: str) -> Entry:
+    a, b = int(rng.integers(1, 50)), int(rng.integers(1, 50))
+    prompt = [{"role": "user", "content": f"What is {a} times {b}?"}]
+    answer = f"{a * b}."
+    teacher = [{"model": "teacher-large", "mode": "think", "finish_reason": "stop",
+                "messages": [{"role": "assistant", "content": _think(f"{a} times {b}.", answer)}]},
+               {"model": "teacher-large", "mode": "no_think", "finish_reason": "stop",
+                "messages": [{"role": "assistant", "content": answer}]},
+               {"model": "teacher-small", "mode": "no_think", "finish_reason": "length",
+                "messages": [{"role": "assistant", "content": f"{a} times {b} is"}]}]
+    if i % 3 == 2:  # a history turn before the prompt the teachers answered
+        prompt = [{"role": "user", "content": "Ready?"}, {"role": "assistant", "content": "Yes."}, *prompt]
+    return {"messages": [*prompt, {"role": "assistant", "content": "I think it is large."}],
+            "teacher": teacher}, []
+
+
+CAPTION_PROMPTS = ("Describe the audio in detail.", "Write a detailed caption of this recording.")
+
+
+def caption_entry(i: int, rng, src: str) -> Entry:
+    seconds = round(float(rng.uniform(2.0, 5.0)), 2)
+    name = f"{i}_scene.flac"
+    described = write_audio(os.path.join(src, name), rng, seconds, 16000)
+    caption = (f"A recording of about {round(seconds)} seconds. A single voice speaks in a steady rhythm with "
+               f"short pauses; the level stays even, with no music and little background noise. The speech "
+               f"sounds synthetic and monotone, close to the microphone, in a small quiet room.")
+    return {"messages": [_user([{"type": "audio", "audio": name}], CAPTION_PROMPTS[i % 2]),
+                         {"role": "assistant", "content": caption}]}, [{**described, "file": name}]

@@ -22,6 +22,10 @@ import torch
 TAIL_FLOOR = 1e-20
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _tp_group():
     from megatron.core import parallel_state
 
@@ -43,7 +47,7 @@ def _all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
 def student_log_probs(logits: torch.Tensor, ids: torch.Tensor, group=None) -> torch.Tensor:
     """log softmax(logits)[..., ids] over the whole vocabulary; ``logits`` [..., V_local] is this rank's
     vocabulary shard (rank r holds tokens [r * V_local, (r+1) * V_local)), ``ids`` [..., K] global ids."""
-    x = logits.float()
+    x = _at_least_fp32(logits)
     vocab_local = x.shape[-1]
     top = x.max(dim=-1).values.detach()
     if group is not None:
@@ -66,7 +70,7 @@ def top_k_kl(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Te
     ``top_mask`` is False. logits [B, L, V_local], top_ids / top_logprobs [B, L, K], top_mask [B, L]."""
     group = _tp_group() if group == "auto" else group
     student = student_log_probs(logits, top_ids, group)
-    teacher = top_logprobs.float()
+    teacher = _at_least_fp32(top_logprobs)
     tail_teacher = _tail_log(teacher)
     kl = (torch.exp(teacher) * (teacher - student)).sum(-1) \
         + torch.exp(tail_teacher) * (tail_teacher - _tail_log(student))

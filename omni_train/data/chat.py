@@ -89,13 +89,16 @@ def render_reasoning(message: Dict[str, Any], keep: Optional[bool]) -> Dict[str,
     block (False) or none (None)."""
     reasoning, content = split_reasoning(message)
     block = "" if keep is None else f"<think>\n{reasoning.strip(chr(10)) if keep else ''}\n</think>\n\n"
+    if message.get("token_ids") is not None:  # generated ids: the encoder renders them (_generated)
+        return message
+    rest = {k: v for k, v in message.items() if k not in ("content", "reasoning_content")}
     if isinstance(content, str):
-        return {"role": "assistant", "content": block + (content.lstrip("\n") if block else content)}
+        return {**rest, "content": block + (content.lstrip("\n") if block else content)}
     parts = list(content)
     first_text = next((i for i, p in enumerate(parts) if p.get("type") == "text"), None)
     if block and first_text is not None:
         parts[first_text] = {**parts[first_text], "text": str(parts[first_text].get("text", "")).lstrip("\n")}
-    return {"role": "assistant", "content": ([{"type": "text", "text": block}] if block else []) + parts}
+    return {**rest, "content": ([{"type": "text", "text": block}] if block else []) + parts}
 
 
 def apply_think_mode(messages: Sequence[Dict[str, Any]], mode: str) -> List[Dict[str, Any]]:
@@ -264,6 +267,19 @@ class ChatEncoder:
         else:
             items.append(self._video(b, name, media[name], bool(part.get("use_audio_in_video"))))
 
+    def _generated(self, b: _Builder, message: Dict[str, Any]) -> None:
+        """An assistant turn given as the token ids a model generated (a teacher's stored tokens): trained on
+        exactly those ids, not on a re-tokenization of its text. The ids follow what the think mode puts
+        before an answer without reasoning (an empty block, when the text has no block of its own); a final
+        ``<|im_end|>`` among them is the one the turn closes with."""
+        ids = [int(i) for i in message["token_ids"]]
+        if ids and ids[-1] == self.ids["im_end"]:
+            ids = ids[:-1]
+        text = message.get("content") if isinstance(message.get("content"), str) else ""
+        if "</think>" not in text and self.think in ("keep", "empty", "last"):
+            b.text("<think>\n\n</think>\n\n", True)
+        b.tokens(ids, True)
+
     def encode_messages(self, messages: Sequence[Dict[str, Any]], media: Dict[str, Any],
                         add_generation_prompt: bool = False, key: Optional[str] = None) -> EncodedSample:
         b = _Builder(self.tokenizer)
@@ -282,7 +298,9 @@ class ChatEncoder:
                 b.flush()
             start = len(b.ids)
             content = message.get("content")
-            if isinstance(content, str):
+            if role == "assistant" and message.get("token_ids") is not None:
+                self._generated(b, message)
+            elif isinstance(content, str):
                 b.text(content, role == "assistant")
             else:
                 for part in content or []:

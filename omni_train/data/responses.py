@@ -6,10 +6,12 @@ assistant turns, plus one after the last message when the conversation ends with
 messages fill the last k slots in order (earlier assistant turns stay as the conversation's history).
 
 With ``top_logprobs`` K > 0 the entry's stored top-k log-probabilities (``logprobs``: members ``tokens``
-[n], ``top_ids`` [n, >=K], ``top_logprobs`` [n, >=K]) are laid on the tokens of its last message: the
-stored ``tokens`` must equal the last n target tokens of that turn as the encoder renders it (content and
-``<|im_end|>``; an empty think block a no-think template put in the prompt may precede them), else the
-sample is bad (the teacher used another tokenizer or template). Every problem
+[n], ``top_ids`` [n, >=K], ``top_logprobs`` [n, >=K]) are laid on the tokens of its last message, and that
+message trains on the stored ``tokens`` themselves rather than on a re-tokenization of its text (a model's
+generated ids need not be the canonical tokenization of the text they decode to). The stored tokens end
+the rendered turn (after the empty think block that a no-think template put in the prompt, when the
+think mode renders one); a teacher response that ended without ``<|im_end|>`` is truncated and not used
+(``drop_truncated``). Every problem
 raises ``SampleError`` naming the sample: the loader skips it and counts it.
 """
 
@@ -119,7 +121,13 @@ def encode_with_responses(sample: Dict[str, Any], encoder: ChatEncoder, cfg, see
 
 def _encode_teacher(sample, encoder, cfg, seed, key) -> EncodedSample:
     entry = pick_teacher(sample, cfg, seed)
-    messages = with_teacher_turns(list(sample["messages"]), list(entry.get("messages") or []), key)
+    turns = list(entry.get("messages") or [])
+    if cfg.top_logprobs and turns and isinstance(entry.get("logprobs"), dict):
+        # train on the very tokens the teacher's distributions belong to (module docstring)
+        tokens = sample.get("media", {}).get(entry["logprobs"].get("tokens"))
+        if tokens is not None:
+            turns[-1] = {**turns[-1], "token_ids": np.asarray(tokens).reshape(-1).tolist()}
+    messages = with_teacher_turns(list(sample["messages"]), turns, key)
     encoded = encoder.encode({**sample, "messages": messages})
     if cfg.top_logprobs:
         encoded.top_logprobs = lay_top_logprobs(encoded, entry, sample.get("media", {}), cfg.top_logprobs,

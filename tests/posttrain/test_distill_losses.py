@@ -146,9 +146,20 @@ def test_top_logprobs_align_with_the_rendered_response(posttrain_root):
     assert top["mask"].sum() == n and encoded.input_ids[top["mask"]].tolist() == tokens
     assert (top["ids"][top["mask"]] == ids).all() and np.allclose(top["logprobs"][top["mask"]], logprobs)
     assert encoder.tokenizer.decode(encoded.input_ids[encoded.loss_mask]).startswith("<think>\n\n</think>")
-    bad = {**media, "teacher0_tokens.npy": np.array(tokens[:-2] + [7, tokens[-1]], np.int32)}
+    # the turn trains on the teacher's own ids, even where they are not the canonical tokenization
+    vocab = encoder.tokenizer.convert_ids_to_tokens(tokens)
+    i = next(j for j, t in enumerate(vocab) if len(t) > 1)  # a merged token, given as its single bytes
+    split = tokens[:i] + encoder.tokenizer.convert_tokens_to_ids(list(vocab[i])) + tokens[i + 1:]
+    assert len(split) > n and encoder.tokenizer.decode(split) == encoder.tokenizer.decode(tokens)
+    odd = {**media, "teacher0_tokens.npy": np.array(split, np.int32),
+           "teacher0_top_ids.npy": np.resize(ids, (len(split), 2)), "teacher0_top_logprobs.npy":
+           np.resize(logprobs, (len(split), 2))}
+    encoded = encode_with_responses({**sample, "media": odd}, encoder, cfg, 0)
+    assert encoded.input_ids[encoded.top_logprobs["mask"]].tolist() == split
+    cut = {**media, "teacher0_tokens.npy": np.array(tokens[:-1], np.int32),
+           "teacher0_top_ids.npy": ids[:-1], "teacher0_top_logprobs.npy": logprobs[:-1]}
     with pytest.raises(SampleError, match="s3.*not the end of the rendered response"):
-        encode_with_responses({**sample, "media": bad}, encoder, cfg, 0)
+        encode_with_responses({**sample, "media": cut}, encoder, cfg, 0)  # no <|im_end|>: cut short
     with pytest.raises(SampleError, match="stores top-2, data.responses.top_logprobs=3"):
         encode_with_responses(sample, encoder, ResponsesConfig(source="teacher", top_logprobs=3), 0)
     nan = {**media, "teacher0_top_logprobs.npy": np.full_like(logprobs, np.nan)}

@@ -236,7 +236,7 @@ def _state_items(params: List[RankParam], trains, layout: Layout, trainer: Train
 
 def _activation_items(model: ThinkerConfig, parallel: ParallelConfig, trainer: TrainerConfig,
                       layers: int, in_flight: int, first: bool, last: bool, document_mask: bool,
-                      trains_audio: bool, trains_vision: bool) -> List[MemoryItem]:
+                      trains_audio: bool, trains_vision: bool, loss_from_logits: bool = False) -> List[MemoryItem]:
     act = _param_bytes(trainer)
     b, seq = trainer.micro_batch_size, trainer.seq_length
     tokens = b * seq // parallel.cp
@@ -267,9 +267,13 @@ def _activation_items(model: ThinkerConfig, parallel: ParallelConfig, trainer: T
     peaks = []
     if last:
         logit_bytes = act + (FP32 if act != FP32 else 0)
+        extra = ""
+        if loss_from_logits:  # distill_offpolicy's top-k term: an fp32 copy and its exponent, kept for backward
+            logit_bytes += 2 * FP32
+            extra = " + fp32 copy and exp (top-k distillation)"
         peaks.append(MemoryItem("logits and loss", tokens * model.vocab_size // parallel.tp * logit_bytes,
                                 f"[{tokens:,}, {model.vocab_size // parallel.tp:,}] in {act} bytes "
-                                "+ fp32 softmax"))
+                                "+ fp32 softmax" + extra))
     if recompute:
         peaks.append(MemoryItem("recomputed layer", layer + sdpa_mask, "one layer's activations in backward"))
     if peaks:
@@ -316,6 +320,7 @@ def estimate_memory(model: ThinkerConfig, parallel: ParallelConfig, trainer: Tra
                 last=pp_stage == parallel.pp - 1, document_mask=document_mask,
                 trains_audio=any(trains(p.name) for p in params if p.name.startswith("audio_tower.")),
                 trains_vision=any(trains(p.name) for p in params if p.name.startswith("visual.")),
+                loss_from_logits=(stage.base or stage.name) == "distill_offpolicy",
             )
             if worst is None or estimate.total > worst.total:
                 worst = estimate

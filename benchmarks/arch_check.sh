@@ -5,6 +5,8 @@
 # (the code before the reshaping: git archive 797351f) carried:
 #   bash benchmarks/arch_check.sh proxy     # text proxy, this code and the code before, same call
 #   bash benchmarks/arch_check.sh memory    # memory probes (packed path) + a shard-fed S3 run at 32,768
+#   bash benchmarks/arch_check.sh sft       # SFT throughput on packed multimodal conversations: the trainer
+#                                          # against transformers' Thinker, same conversations (.whl/ only)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -38,5 +40,11 @@ case "${1:-proxy}" in
       2>&1 | tail -n 30 | tee "$OUT/s3_32k_dry_run.txt"
     timeout 300 python3 -m omni_train.train "${S3[@]}" 2>&1 | tail -n 12
     cp /tmp/s3_32k/metrics.jsonl "$OUT/s3_32k_metrics.jsonl"
+    ;;
+  sft)
+    # benchmarks/sft_throughput.py: synthetic SFT data, the trainer (recipe tiny/sft at the omni proxy's widths,
+    # 8,192 tokens), then transformers on the same conversations; each part timed out on its own, all in 480 s
+    python3 benchmarks/sft_throughput.py --json "$OUT/sft_throughput.json" --work-dir /tmp/sft_throughput
+    mkdir -p "$OUT/sft_logs" && cp /tmp/sft_throughput/*.log "$OUT/sft_logs/"
     ;;
 esac

@@ -6,10 +6,15 @@
   omni-data validate DIR
   omni-data stats DIR [--recount] [--json]
   omni-data synth OUT_DIR [--samples 12] [--seed 0] [--corrupt BAD_DIR]
+  omni-data teacher-responses IN_DIR OUT_DIR (--model HF_DIR | --url http://host:port/v1 [--served-model NAME]
+      [--api-key-env VAR] [--tokenizer DIR]) [--name NAME] [--mode think|no_think] [--max-new-tokens 512]
+      [--temperature 0] [--top-p 1.0] [--seed 0] [--batch-size 8] [--top-logprobs K] [--timeout 60]
+      [--retries 2] [--workers 4] [--no-progress] [--strict]
 """
 
 import argparse
 import json
+import os
 import sys
 
 from data_pipelines.build import BuildOptions, format_error
@@ -62,15 +67,45 @@ def make_parser():
                    help="also write a small BPE tokenizer with Qwen's special tokens, trained on the texts")
     _add_build_options(p, 4)
 
-    p = commands.add_parser("synth-suite", help="one synthetic dataset per pretraining data kind + a tokenizer")
+    p = commands.add_parser("synth-suite", help="one synthetic dataset per data kind (pretraining and post-training) + a tokenizer")
     p.add_argument("root")
     p.add_argument("kinds", nargs="*", metavar="KIND[=N]",
-                   help="text, audio_text, image_text, video_text, video_audio, long_audio, long_video "
+                   help="text, audio_text, image_text, video_text, video_audio, long_audio, long_video, sft, distill, caption "
                         "(default: all), each with N samples")
     p.add_argument("--samples", type=int, default=16, help="samples per kind without =N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    _add_teacher_parser(commands)
+    _add_codec_parser(commands)
     return parser
+
+
+def _add_teacher_parser(commands):
+    p = commands.add_parser("teacher-responses", help="add a teacher model's answers to the `teacher` field")
+    p.add_argument("in_dir")
+    p.add_argument("out_dir")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", metavar="HF_DIR", help="a local AutoModelForCausalLM directory (text prompts)")
+    where.add_argument("--url", help="an OpenAI-compatible endpoint, e.g. http://host:8000/v1 (vllm serve)")
+    p.add_argument("--served-model", help="the endpoint's model name (default: its first in /models)")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="maps an endpoint's token strings to ids (when it lacks return_tokens_as_token_ids)")
+    p.add_argument("--name", help="the entry's `model` (default: the model directory's or served model's name)")
+    p.add_argument("--mode", default="think", choices=["think", "no_think"], help="the template's enable_thinking")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (local model)")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="also store the top-K log-probabilities of every generated token")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (endpoint)")
+    p.add_argument("--retries", type=int, default=2, help="retries of a failed request (endpoint)")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled after")
+    p.add_argument("--workers", type=int, default=4, help="concurrent requests (endpoint)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any sample got no response")
 
 
 def run_build(args):
@@ -149,12 +184,81 @@ def run_synth_suite(args):
     return 0
 
 
+def run_teacher_responses(args):
+    from data_pipelines.teacher import REPORT_NAME, teacher_responses
+    from data_pipelines.teacher_prompts import GenerateOptions
+
+    if args.max_new_tokens < 1 or args.top_logprobs < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("need --max-new-tokens >= 1, --top-logprobs >= 0, --temperature >= 0, 0 < --top-p <= 1")
+    options = GenerateOptions(args.mode, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                              args.top_logprobs)
+    teacher = _make_teacher(args, options)
+    name = args.name or (os.path.basename(os.path.normpath(args.model)) if args.model else teacher.served_model)
+    run = teacher_responses(args.in_dir, args.out_dir, teacher, name, options, not args.no_progress)
+    for failure in run.failures:
+        print(f"no response: {failure['shard']}: {failure['key']}: {failure['reason']}", file=sys.stderr)
+    print(f"teacher-responses: {run.index['num_samples']} samples, {run.answered} answered, "
+          f"{len(run.failures)} failed (see {os.path.join(args.out_dir, REPORT_NAME)})", file=sys.stderr)
+    return 1 if args.strict and run.failures else 0
+
+
+def _make_teacher(args, options):
+    if args.model:
+        from data_pipelines.teacher_local import LocalTeacher
+
+        return LocalTeacher(args.model, options, args.batch_size)
+    from data_pipelines.teacher_endpoint import EndpointTeacher
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    return EndpointTeacher(args.url, options, args.served_model, api_key, args.workers, args.timeout,
+                           args.retries, args.backoff, args.tokenizer)
+
+
+def _add_codec_parser(commands):
+    p = commands.add_parser("codec", help="add Talker codec targets to assistant speech (a local MimiModel)")
+    p.add_argument("in_dir", metavar="DATASET")
+    p.add_argument("out_dir")
+    p.add_argument("--codec-model", required=True, metavar="DIR",
+                   help="a local transformers MimiModel directory, e.g. kyutai/mimi (docs/codec.md)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=8, help="audios per encoder call")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="longer speech is reported, not encoded")
+    p.add_argument("--overwrite", action="store_true", help="re-encode audio parts that already have a codec")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any sample got no codec")
+
+
+def run_codec(args):
+    from data_pipelines.codec import REPORT_NAME, CodecOptions, codec_targets
+    from data_pipelines.codec_model import TALKER_CODEBOOKS, MimiCodec
+
+    if args.batch_size < 1 or not args.max_seconds > 0:
+        raise ValueError("need --batch-size >= 1 and --max-seconds > 0")
+    codec = MimiCodec(args.codec_model, args.device, args.batch_size)
+    c = codec.config
+    print(f"codec model: {c.num_quantizers} codebooks (the first {TALKER_CODEBOOKS} used) of {c.codebook_size} "
+          f"codes, {c.sampling_rate} Hz, {c.frame_rate:g} frames/s", file=sys.stderr)
+    run = codec_targets(args.in_dir, args.out_dir, codec, CodecOptions(args.max_seconds, args.overwrite),
+                        not args.no_progress)
+    for failure in run.failures:
+        print(f"no codec: {failure['shard']}: {failure['key']}: {failure['reason']}", file=sys.stderr)
+    print(f"codec: {run.index['num_samples']} samples, {run.encoded} speech parts encoded, {run.kept} kept their "
+          f"codec, {len(run.failures)} samples failed (see {os.path.join(args.out_dir, REPORT_NAME)}); "
+          f"{len(run.written)} shards written, {len(run.skipped)} done earlier", file=sys.stderr)
+    return 1 if args.strict and run.failures else 0
+
+
 def main(argv=None):
     quiet_library_warnings()
     args = make_parser().parse_args(argv)
     try:
         return {"build": run_build, "validate": run_validate, "stats": run_stats, "synth": run_synth,
-                "synth-suite": run_synth_suite}[
+                "synth-suite": run_synth_suite, "teacher-responses": run_teacher_responses,
+                "codec": run_codec}[
             args.command](args)
     except (OSError, ValueError) as exc:
         print(f"omni-data {args.command}: error: {exc}", file=sys.stderr)

@@ -15,6 +15,10 @@ MEMBER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 MEDIA_SUFFIX = re.compile(r"^(audio|image|video)\d+\.([a-z0-9]+)$")
 CODEC_SUFFIX = re.compile(r"^codec\d+\.npy$")
 SPEAKER_SUFFIX = "spk.npy"
+TEACHER_MODES = ("think", "no_think")
+FINISH_REASONS = ("stop", "length")
+LOGPROBS_FIELDS = ("tokens", "top_ids", "top_logprobs")
+LOGPROBS_SUFFIX = re.compile(r"^teacher(\d+)_(tokens|top_ids|top_logprobs)\.npy$")
 
 
 def sample_key(member_name):
@@ -71,6 +75,7 @@ def check_sample(sample, members=None):
         for where, role, part in iter_parts(sample):
             errors += _check_part(where, role, part, members)
         errors += _check_speaker_ref(sample, members)
+        errors += _check_logprobs_refs(sample, members)
     return errors
 
 
@@ -111,11 +116,45 @@ def _check_extras(sample):
     teacher = sample.get("teacher")
     if teacher is not None and (not isinstance(teacher, list) or not all(isinstance(t, dict) for t in teacher)):
         errors.append("teacher: must be a list of objects with `messages`")
+    elif teacher is not None:
+        for i, entry in enumerate(teacher):
+            errors += _check_teacher_fields(f"teacher[{i}]", entry)
     preference = sample.get("preference")
     if preference is not None and not isinstance(preference, dict):
         errors.append("preference: must be an object with `chosen` and `rejected`")
     if "meta" in sample and not isinstance(sample["meta"], dict):
         errors.append("meta: must be an object")
+    return errors
+
+
+def _check_teacher_fields(where, entry):
+    errors = []
+    if not isinstance(entry.get("model"), str) or not entry["model"]:
+        errors.append(f"{where}.model: must be a non-empty string (the teacher's name)")
+    if "mode" in entry and entry["mode"] not in TEACHER_MODES:
+        errors.append(f"{where}.mode: {entry['mode']!r} is not one of {', '.join(TEACHER_MODES)}")
+    if "finish_reason" in entry and entry["finish_reason"] not in FINISH_REASONS:
+        errors.append(f"{where}.finish_reason: {entry['finish_reason']!r} is not one of {', '.join(FINISH_REASONS)}")
+    logprobs = entry.get("logprobs")
+    if logprobs is not None and (not isinstance(logprobs, dict) or sorted(logprobs) != sorted(LOGPROBS_FIELDS)):
+        errors.append(f"{where}.logprobs: must be an object with exactly {', '.join(LOGPROBS_FIELDS)}")
+    return errors
+
+
+def _check_logprobs_refs(sample, members):
+    """Each teacher entry's `logprobs` names its own members: `teacher{i}_{field}.npy`, i its index."""
+    errors = []
+    for i, entry in enumerate(sample.get("teacher") or []):
+        if members is None and entry.get("logprobs") is not None:
+            errors.append(f"teacher[{i}].logprobs: not taken from a manifest (omni-data teacher-responses "
+                          f"writes them into a built dataset)")
+            continue
+        for field, value in (entry.get("logprobs") or {}).items():
+            match = LOGPROBS_SUFFIX.match(value) if isinstance(value, str) else None
+            if not match or match.groups() != (str(i), field):
+                errors.append(f"teacher[{i}].logprobs.{field}: {value!r} must be 'teacher{i}_{field}.npy'")
+            elif value not in members:
+                errors.append(f"teacher[{i}].logprobs.{field}: points to missing member {value!r}")
     return errors
 
 
@@ -177,6 +216,8 @@ def referenced_members(sample):
     speaker = sample.get("speaker")
     if isinstance(speaker, dict) and speaker.get("embedding"):
         names.append(speaker["embedding"])
+    for entry in sample.get("teacher") or []:
+        names += [entry["logprobs"][field] for field in LOGPROBS_FIELDS] if entry.get("logprobs") else []
     return list(dict.fromkeys(names))
 
 

@@ -9,6 +9,8 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from data_pipelines import media, schema, shards
 from data_pipelines.samples import add_stats, empty_stats, sample_stats
 
@@ -43,8 +45,10 @@ def check_sample_members(key, members):
     reasons += schema.check_sample(sample, members=set(members))
     infos = {}
     referenced = schema.referenced_members(sample) if not reasons else []
+    if referenced:
+        reasons += _teacher_logprobs_problems(key, sample, members)
     for suffix in referenced:
-        if suffix not in members:
+        if suffix not in members or schema.LOGPROBS_SUFFIX.match(suffix):
             continue
         try:
             info = _decode_member(suffix, members[suffix])
@@ -68,6 +72,39 @@ def _audio_in_video_problems(key, sample, infos):
         if info is not None and part.get("use_audio_in_video") and not info.has_audio:
             problems.append(f"{where}: use_audio_in_video is set but {key}.{part['video']} has no audio track")
     return problems
+
+
+def _teacher_logprobs_problems(key, sample, members):
+    """Decode each teacher entry's log-probability members and check their shapes agree."""
+    problems = []
+    for i, entry in enumerate(sample.get("teacher") or []):
+        refs = entry.get("logprobs")
+        if refs:
+            try:
+                check_teacher_logprobs(*(media.load_npy(members[refs[f]], f"{key}.{refs[f]}")
+                                         for f in schema.LOGPROBS_FIELDS))
+            except media.MediaError as exc:
+                problems.append(f"teacher[{i}].logprobs: {exc}")
+    return problems
+
+
+def check_teacher_logprobs(tokens, top_ids, top_logprobs):
+    """tokens int [n], top_ids int [n, K], top_logprobs float [n, K] (log-probabilities, descending)."""
+    if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise media.MediaError(f"tokens must be a non-empty integer vector, got {tokens.dtype} {list(tokens.shape)}")
+    n = tokens.shape[0]
+    if top_ids.ndim != 2 or top_ids.shape[0] != n or top_ids.shape[1] == 0 \
+            or not np.issubdtype(top_ids.dtype, np.integer):
+        raise media.MediaError(f"top_ids must be an integer [{n}, K] array, got {top_ids.dtype} {list(top_ids.shape)}")
+    if top_logprobs.shape != top_ids.shape or not np.issubdtype(top_logprobs.dtype, np.floating):
+        raise media.MediaError(f"top_logprobs must be a float {list(top_ids.shape)} array like top_ids, got "
+                               f"{top_logprobs.dtype} {list(top_logprobs.shape)}")
+    if (tokens < 0).any() or (top_ids < 0).any():
+        raise media.MediaError("negative token ids")
+    if not np.isfinite(top_logprobs).all() or (top_logprobs > 1e-4).any():
+        raise media.MediaError("top_logprobs must be finite log-probabilities (<= 0)")
+    if (np.diff(top_logprobs, axis=1) > 0).any():
+        raise media.MediaError("top_logprobs rows must be sorted in descending order")
 
 
 def _decode_member(suffix, data):

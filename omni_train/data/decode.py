@@ -233,6 +233,11 @@ def _referenced_members(sample: Dict[str, Any]) -> Dict[str, bool]:
     speaker = sample.get("speaker")
     if isinstance(speaker, dict) and isinstance(speaker.get("embedding"), str):
         refs.setdefault(speaker["embedding"], False)
+    for entry in sample.get("teacher") or []:  # stored top-k log-probabilities of a teacher response
+        logprobs = entry.get("logprobs") if isinstance(entry, dict) else None
+        for name in logprobs.values() if isinstance(logprobs, dict) else []:
+            if isinstance(name, str):
+                refs.setdefault(name, False)
     return refs
 
 

@@ -357,3 +357,22 @@ def test_token_strings_map_to_ids_through_a_tokenizer(teacher_dir, dataset, serv
         ours, theirs = mapped[key][0]["teacher"][-1], local[key][0]["teacher"][-1]
         for a, b in zip(arrays(*mapped[key], ours), arrays(*local[key], theirs)):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_distill_offpolicy_trains_on_the_stored_top_k(teacher_dir, local_run, tmp_path):
+    """The tool's output feeds the distill_offpolicy stage: the student trains on the teacher's answers and
+    its stored top-4 distributions (data.responses.top_logprobs=4); KL and NLL fall; samples without a
+    usable answer (the image prompt, answers cut at the length limit) are skipped and counted."""
+    from cli import metrics, omni_train
+
+    out, _ = local_run
+    run_dir = tmp_path / "distill"
+    omni_train(["recipe=tiny/distill_offpolicy", "init_from=null", f"run_dir={run_dir}",
+                f"data.datasets=[{{path: {out}, weight: 1.0}}]", f"data.tokenizer={teacher_dir}",
+                "data.responses.teachers=[tiny]", f"data.responses.top_logprobs={TOP_K}", "trainer.max_steps=8",
+                "trainer.seq_length=128", "checkpoint.save_every=100", "checkpoint.save_at_end=false"])
+    records = metrics(run_dir)
+    first, last = records[1], records[8]
+    assert last["kl_top_k"] < 0.7 * first["kl_top_k"] and last["loss_nll"] < first["loss_nll"]
+    assert first["kl_top_k_count"] > 0 and first["loss"] > first["loss_nll"]  # both terms in the loss
+    assert last["data_skipped"] > 0

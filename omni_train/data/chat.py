@@ -259,7 +259,8 @@ class ChatEncoder:
         if name not in media:
             raise ValueError(f"{kind} part names {name!r}, which was not decoded")
         if kind == "audio" and role == "assistant":
-            speech.append({"name": name, "audio": media[name], "codec": media.get(part.get("codec"))})
+            speech.append({"name": name, "audio": media[name], "codec": media.get(part.get("codec")),
+                           "codec_name": part.get("codec")})
         elif kind == "audio":
             items.append(self._audio(b, name, media[name]))
         elif kind == "image":

@@ -221,7 +221,7 @@ def _make_teacher(args, options):
 def _add_codec_parser(commands):
     p = commands.add_parser("codec", help="add Talker codec targets to assistant speech (a local MimiModel)")
     p.add_argument("in_dir", metavar="DATASET")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--codec-model", required=True, metavar="DIR",
                    help="a local transformers MimiModel directory, e.g. kyutai/mimi (docs/codec.md)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -10,6 +10,8 @@
       [--api-key-env VAR] [--tokenizer DIR]) [--name NAME] [--mode think|no_think] [--max-new-tokens 512]
       [--temperature 0] [--top-p 1.0] [--seed 0] [--batch-size 8] [--top-logprobs K] [--timeout 60]
       [--retries 2] [--workers 4] [--no-progress] [--strict]
+  omni-data codec DATASET OUT_DIR --codec-model MIMI_DIR [--device cpu|cuda] [--batch-size 8] [--strict]
+  omni-data synth-suite ROOT [KIND[=N] ...]
 """
 
 import argparse

@@ -7,6 +7,7 @@
 #   bash benchmarks/arch_check.sh memory    # memory probes (packed path) + a shard-fed S3 run at 32,768
 #   bash benchmarks/arch_check.sh sft       # SFT throughput on packed multimodal conversations: the trainer
 #                                          # against transformers' Thinker, same conversations (.whl/ only)
+#   bash benchmarks/arch_check.sh talker    # Talker training throughput at release width, ours vs transformers
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -46,5 +47,8 @@ case "${1:-proxy}" in
     # 8,192 tokens), then transformers on the same conversations; each part timed out on its own, all in 480 s
     python3 benchmarks/sft_throughput.py --json "$OUT/sft_throughput.json" --work-dir /tmp/sft_throughput
     mkdir -p "$OUT/sft_logs" && cp /tmp/sft_throughput/*.log "$OUT/sft_logs/"
+    ;;
+  talker)
+    python3 benchmarks/talker_throughput.py --json "$OUT/talker_throughput.json" --log-dir "$OUT/talker_logs"
     ;;
 esac

@@ -11,6 +11,8 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
+from omni_train.config.talker import TalkerConfig
+
 
 @dataclass
 class AudioTowerConfig:
@@ -88,20 +90,14 @@ class ThinkerConfig:
 
 
 @dataclass
-class TalkerConfig:
-    """The Talker's sizes. Reserved: the Talker model lands with its own issue; until then a config that
-    sets ``model.talker`` is refused before anything is built (config/validate.py)."""
-
-    enabled: bool = False
-
-
-@dataclass
 class ModelConfig:
     """The networks of a flavor (conf/model/<flavor>.yaml): the Thinker always, the Talker where a stage
     trains or conditions on it. Each section is handed to its own provider (omni_train/models/<name>/)."""
 
     flavor: str = MISSING
     thinker: ThinkerConfig = MISSING
+    # The Talker's sizes (omni_train/config/talker.py); null for the Thinker's stages. A flavor that sets it
+    # (qwen3_omni_30b_a3b_talker, tiny_omni_talker) describes the Talker trained with the Thinker frozen.
     talker: Optional[TalkerConfig] = None
 
 

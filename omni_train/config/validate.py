@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from omni_train.config.compose import ConfigError
+from omni_train.config.talker import talker_config_problems
 
 CHOICES = {
     "parallel.token_dispatcher": ("alltoall", "allgather"),
@@ -66,8 +67,6 @@ def _check_values(cfg: DictConfig) -> None:
                  "data.responses.top_logprobs", "top log-probabilities come with teacher responses "
                  "(data.responses.source=teacher)")
     model = cfg.model.thinker
-    _require(cfg.model.talker is None, "model.talker",
-             "no stage builds the Talker yet (its model and stages come with their own issues)")
     _require(model.router_topk <= model.num_experts, "model.thinker.router_topk",
              f"{model.router_topk} exceeds model.thinker.num_experts={model.num_experts}")
     _require(model.num_attention_heads % model.num_query_groups == 0, "model.thinker.num_query_groups",
@@ -148,6 +147,44 @@ def _check_towers(cfg: DictConfig) -> None:
              f"{list(vision.deepstack_visual_indexes)} must index blocks 0..depth-1 (depth={vision.depth})")
 
 
+TALKER_CHOICES = {"load_balancing": ("aux_loss", "expert_bias"), "experts_impl": ("grouped", "sequential")}
+
+
+def _check_talker(cfg: DictConfig) -> None:
+    """model.talker (when set): its own consistency (config/talker.py), its fit to the Thinker that
+    conditions it, and the layout it takes: tp = pp = cp = 1, no sequence parallelism (it builds its
+    sequences and the code predictor's inputs on the full sequence), experts divisible by ep."""
+    talker, thinker, par = cfg.model.talker, cfg.model.thinker, cfg.parallel
+    if talker is None:
+        return
+    problems = talker_config_problems(talker)
+    if problems:
+        name, problem = problems[0]
+        raise ConfigError(f"model.talker.{name}", problem)
+    for name, allowed in TALKER_CHOICES.items():
+        _require(talker[name] in allowed, f"model.talker.{name}",
+                 f"{talker[name]!r} is not one of {', '.join(allowed)}")
+    _require(talker.thinker_hidden_size == thinker.hidden_size, "model.talker.thinker_hidden_size",
+             f"{talker.thinker_hidden_size} must equal model.thinker.hidden_size={thinker.hidden_size} (the "
+             "projections read the Thinker's states)")
+    _require(1 <= talker.accept_hidden_layer <= thinker.num_layers, "model.talker.accept_hidden_layer",
+             f"{talker.accept_hidden_layer} must be in 1..model.thinker.num_layers={thinker.num_layers}")
+    for name, value in talker.text.items():
+        _require(0 <= value < thinker.vocab_size, f"model.talker.text.{name}",
+                 f"{value} is not a Thinker token id (model.thinker.vocab_size={thinker.vocab_size})")
+    for name in ("tp", "pp", "cp"):
+        _require(par[name] == 1, f"parallel.{name}",
+                 f"model.talker needs {name}=1 (the Talker builds its sequences on the full sequence), got {par[name]}")
+    _require(not par.sequence_parallel, "parallel.sequence_parallel",
+             "model.talker does not support sequence parallelism")
+    _require(talker.num_experts % par.ep == 0, "parallel.ep",
+             f"model.talker.num_experts={talker.num_experts} is not divisible by ep={par.ep}")
+    # Until a registered stage builds the Talker, a run would train the Thinker and silently carry this
+    # section into its checkpoints and export; the dry run already plans the Talker's training.
+    _require(cfg.dry_run, "model.talker", "no stage trains the Talker yet (its stages come with issue 17); "
+             "dry_run=true plans one")
+
+
 def _check_layout(cfg: DictConfig, world_size: int) -> None:
     par, model, trainer = cfg.parallel, cfg.model.thinker, cfg.trainer
     model_parallel = par.tp * par.pp * par.cp
@@ -198,6 +235,7 @@ def validate_config(cfg: DictConfig, world_size: int, cuda_available: bool) -> N
     _check_values(cfg)
     _check_shards(cfg)
     _check_towers(cfg)
+    _check_talker(cfg)
     _check_layout(cfg, world_size)
     trainer = cfg.trainer
     if cfg.dry_run:

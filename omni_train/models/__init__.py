@@ -1,7 +1,9 @@
 """The networks omni-train builds, one folder each, sized by a flavor (conf/model/<flavor>.yaml, one
-section per network: ``model.thinker``, later ``model.talker``).
+section per network: ``model.thinker``, and ``model.talker`` in the flavors that carry a Talker).
 
 - ``models/thinker/``: the Thinker's MoE LM provider (megatron-core), its towers, its HF bridge table;
+- ``models/talker/``: the Talker's MoE backbone provider, its code predictor, its conditioning on the
+  Thinker, Code2Wav carried, its HF tables (its sizes: ``omni_train/config/talker.py``);
 - ``models/common/``: the blocks every network shares (attention, rotary, grouped experts, dispatch,
   cross-entropy, MoE load tracking).
 
@@ -11,8 +13,8 @@ Model code never chooses parallel degrees or reads the environment: it receives 
 from pathlib import Path
 from typing import Dict
 
-# model config section -> the package that builds it (the Talker's lands with its own issue)
-NETWORKS: Dict[str, str] = {"thinker": "omni_train.models.thinker"}
+# model config section -> the package that builds it
+NETWORKS: Dict[str, str] = {"thinker": "omni_train.models.thinker", "talker": "omni_train.models.talker"}
 
 FLAVOR_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 

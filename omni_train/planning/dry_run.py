@@ -3,6 +3,10 @@ per-rank memory estimate for the run's layout, allocate nothing.
 
 The world size described is ``dry_run_world_size`` (what a recipe is written for), else the smallest the
 layout takes; the estimate is checked against ``dry_run_gpu_memory_gb`` (omni_train/planning/memory_estimate.py).
+
+With ``model.talker`` set the run described trains the Talker beside the frozen Thinker that conditions
+it: the Thinker's lines are followed by the Talker's counts (total, active per token, by part; its meta
+build), its per-rank share, and the memory estimate is the Talker run's (planning/talker_memory.py).
 """
 
 from __future__ import annotations
@@ -13,9 +17,17 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from omni_train.config import ThinkerConfig, ParallelConfig, TrainConfig
+from omni_train.config import ThinkerConfig, ParallelConfig, TalkerConfig, TrainConfig
 from omni_train.planning.memory_estimate import estimate_memory, format_estimate
-from omni_train.planning.param_inventory import count_thinker_parameters, tower_parameter_counts
+from omni_train.planning.param_inventory import (
+    count_talker_parameters,
+    count_thinker_parameters,
+    talker_idle_expert_parameters,
+    talker_parameter_parts,
+    talker_rank_parameters,
+    tower_parameter_counts,
+)
+from omni_train.planning.talker_memory import estimate_talker_memory
 from omni_train.models.thinker.lm import build_thinker_lm, count_parameters, describe_shards
 
 # Placeholder ids for building the towers on the meta device (only the towers' sizes matter there).
@@ -31,6 +43,21 @@ def build_on_meta(model_cfg: ThinkerConfig) -> int:
         with torch.device("meta"):
             model = build_thinker_lm(model_cfg, ParallelConfig(), device=torch.device("meta"),
                                      params_dtype=torch.bfloat16)
+        return sum(p.numel() for p in model.parameters())
+    finally:
+        shutdown_parallel()
+
+
+def build_talker_on_meta(talker_cfg: TalkerConfig) -> int:
+    """Build our Talker (backbone, projections, code predictor) on the meta device; its parameter count."""
+    from omni_train.models.talker.model import build_talker
+    from omni_train.parallel.setup import init_parallel, shutdown_parallel
+
+    init_parallel(ParallelConfig(), torch.device("cpu"), seed=0)
+    try:
+        with torch.device("meta"):
+            model = build_talker(talker_cfg, ParallelConfig(), device=torch.device("meta"),
+                                 params_dtype=torch.bfloat16)
         return sum(p.numel() for p in model.parameters())
     finally:
         shutdown_parallel()
@@ -110,16 +137,44 @@ def format_dry_run(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig, built
     return "\n".join(lines)
 
 
+def format_talker(talker: TalkerConfig, parallel_cfg: ParallelConfig, built: Optional[int]) -> str:
+    """The Talker's counts (total, active per token, by part), its meta build and one rank's share."""
+    total, active = count_talker_parameters(talker)
+    parts = talker_parameter_parts(talker)
+    backbone_active = parts["backbone"] - talker_idle_expert_parameters(talker)
+    lines = [f"Talker: {total:,} parameters ({total / 1e9:.2f} B) total, {active:,} ({active / 1e9:.2f} B) active "
+             "per token",
+             f"  backbone {parts['backbone']:,} ({backbone_active:,} ({backbone_active / 1e9:.2f} B) active: top-"
+             f"{talker.router_topk} of {talker.num_experts} experts + the shared expert), projections "
+             f"{parts['projections']:,}, code predictor {parts['code_predictor']:,} (dense, runs on every frame)"]
+    if built is not None:
+        lines.append(f"Talker built on the meta device: {built:,} parameters "
+                     f"({'matches' if built == total else 'DIFFERS FROM'} the analytic count)")
+    ep = parallel_cfg.ep
+    per_rank = sum(p.numel for p in talker_rank_parameters(talker, ep))
+    lines.append(f"Talker layout tp=1 pp=1 cp=1 ep={ep}: {per_rank:,} parameters per rank "
+                 f"({talker.num_experts // ep} of each layer's {talker.num_experts} experts; the rest replicated)")
+    return "\n".join(lines)
+
+
 def print_dry_run(cfg: TrainConfig, world_size: int, build: bool = True) -> bool:
     """Print counts, shards and the memory estimate of ``cfg`` on ``world_size`` ranks; whether the
     estimate fits ``cfg.dry_run_gpu_memory_gb``."""
     built = build_on_meta(cfg.model.thinker) if build else None
     towers = build_towers_on_meta(cfg.model.thinker) if build and cfg.model.thinker.towers else None
-    print(format_dry_run(cfg.model.thinker, cfg.parallel, built, towers, cfg.model.flavor), flush=True)
-    estimates = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, cfg.stage, world_size,
-                                # packed documents need an [S, S] mask only under context parallelism
-                                # (else varlen flash attention over their boundaries, on the GPU in bf16)
-                                document_mask=cfg.data.name == "shards" and cfg.parallel.cp > 1,
-                                master_weights=cfg.optim.master_weights)
+    talker = cfg.model.talker
+    flavor = cfg.model.flavor if talker is None else f"{cfg.model.flavor} (Thinker)"
+    print(format_dry_run(cfg.model.thinker, cfg.parallel, built, towers, flavor), flush=True)
+    if talker is not None:
+        print(format_talker(talker, cfg.parallel, build_talker_on_meta(talker) if build else None), flush=True)
+        print("training the Talker, the Thinker frozen beside it (parameters only):", flush=True)
+        estimates = estimate_talker_memory(talker, cfg.model.thinker, cfg.parallel, cfg.trainer, cfg.stage,
+                                           world_size, master_weights=cfg.optim.master_weights)
+    else:
+        estimates = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, cfg.stage, world_size,
+                                    # packed documents need an [S, S] mask only under context parallelism
+                                    # (else varlen flash attention over their boundaries, on the GPU in bf16)
+                                    document_mask=cfg.data.name == "shards" and cfg.parallel.cp > 1,
+                                    master_weights=cfg.optim.master_weights)
     print(format_estimate(estimates, cfg.dry_run_gpu_memory_gb), flush=True)
     return max(e.total for e in estimates) <= cfg.dry_run_gpu_memory_gb * 1e9

@@ -110,16 +110,16 @@ class MemoryEstimate:
         return sum(item.bytes for item in self.items)
 
 
-def _param_bytes(trainer: TrainerConfig) -> int:
+def param_bytes(trainer: TrainerConfig) -> int:
     """bf16 unless the run is fp32 ("auto" is bf16 on the GPUs this estimate is for)."""
     return FP32 if trainer.precision == "fp32" else 2
 
 
-def _trains(name: str, trainable: Sequence[str], frozen: Sequence[str]) -> bool:
+def trains_in_phase(name: str, trainable: Sequence[str], frozen: Sequence[str]) -> bool:
     return any(re.search(p, name) for p in trainable) and not any(re.search(p, name) for p in frozen)
 
 
-def _phases(stage: StageConfig):
+def stage_phases(stage: StageConfig):
     """(name, trainable patterns, frozen patterns) of each phase; one phase when the stage has none."""
     if not stage.phases:
         return [(stage.name, list(stage.trainable), list(stage.frozen))]
@@ -209,9 +209,9 @@ def _tower_items(model: ThinkerConfig, tokens: int, act: int, checkpointed: bool
 # ----- the estimate ----------------------------------------------------------------------------------
 
 
-def _state_items(params: List[RankParam], trains, layout: Layout, trainer: TrainerConfig,
-                 distributed_optimizer: bool, master_weights: bool = True) -> List[MemoryItem]:
-    pbytes = _param_bytes(trainer)
+def state_items(params: List[RankParam], trains, layout: Layout, trainer: TrainerConfig,
+                distributed_optimizer: bool, master_weights: bool = True) -> List[MemoryItem]:
+    pbytes = param_bytes(trainer)
     held = sum(p.numel for p in params)
     dense = sum(p.numel for p in params if trains(p.name) and not p.expert)
     expert = sum(p.numel for p in params if trains(p.name) and p.expert)
@@ -237,7 +237,7 @@ def _state_items(params: List[RankParam], trains, layout: Layout, trainer: Train
 def _activation_items(model: ThinkerConfig, parallel: ParallelConfig, trainer: TrainerConfig,
                       layers: int, in_flight: int, first: bool, last: bool, document_mask: bool,
                       trains_audio: bool, trains_vision: bool, loss_from_logits: bool = False) -> List[MemoryItem]:
-    act = _param_bytes(trainer)
+    act = param_bytes(trainer)
     b, seq = trainer.micro_batch_size, trainer.seq_length
     tokens = b * seq // parallel.cp
     recompute = trainer.recompute == "full"
@@ -300,9 +300,9 @@ def estimate_memory(model: ThinkerConfig, parallel: ParallelConfig, trainer: Tra
                      f"micro_batch_size * dp = {trainer.micro_batch_size} * {layout.dp}: a run on "
                      f"{world_size} GPUs refuses it")
     estimates = []
-    for phase, trainable, frozen in _phases(stage):
+    for phase, trainable, frozen in stage_phases(stage):
         def trains(name: str) -> bool:
-            return _trains(name, trainable, frozen)
+            return trains_in_phase(name, trainable, frozen)
 
         worst: Optional[MemoryEstimate] = None
         for pp_stage in range(parallel.pp):
@@ -312,8 +312,8 @@ def estimate_memory(model: ThinkerConfig, parallel: ParallelConfig, trainer: Tra
                 trainable=sum(p.numel for p in params if trains(p.name)),
                 frozen=sum(p.numel for p in params if not trains(p.name)),
             )
-            estimate.items += _state_items(params, trains, layout, trainer, parallel.distributed_optimizer,
-                                            master_weights)
+            estimate.items += state_items(params, trains, layout, trainer, parallel.distributed_optimizer,
+                                           master_weights)
             estimate.items += _activation_items(
                 model, parallel, trainer, layers=model.num_layers // parallel.pp,
                 in_flight=min(parallel.pp - pp_stage, micro_batches), first=pp_stage == 0,

@@ -7,14 +7,21 @@ transformers names, as in ``OmniThinker``) and the megatron LM under ``language_
 frozen parameters per phase. The tower tables follow transformers' ``Qwen3OmniMoeAudioEncoder`` and
 ``Qwen3OmniMoeVisionEncoder`` (tests/configs/test_30b_recipes.py compares them, name for name and shape
 for shape, with the modules built on the meta device).
+
+The Talker's table (``talker_shapes``) holds the names of the ``Talker`` that ``models/talker/model.py``
+builds (megatron backbone under ``backbone.``, the projections, the code predictor with transformers'
+module names), under ``talker.`` in a rank's inventory so that stage patterns tell it from the Thinker
+(tests/configs/test_talker_config.py compares it with the meta build, and its counts with transformers'
+``Qwen3OmniMoeTalkerForConditionalGeneration``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from omni_train.config.schema import AudioTowerConfig, ThinkerConfig, ParallelConfig, VisionTowerConfig
+from omni_train.config.talker import TalkerConfig
 from omni_train.models.thinker.lm import count_parameters, describe_shards
 
 VISION_IN_CHANNELS = 3  # RGB; transformers' Qwen3OmniMoeVisionEncoderConfig.in_channels
@@ -135,3 +142,93 @@ def rank_parameters(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig, pipe
                               ("visual", vision_tower_shapes(model_cfg.vision_tower, width))):
             params += [RankParam(f"{tower}.{name}", _numel(shape), expert=False) for name, shape in shapes]
     return params
+
+
+# ----- the Talker ------------------------------------------------------------------------------------
+
+
+def _talker_layer_shapes(t: TalkerConfig, ep: int) -> List[Tuple[str, Shape]]:
+    """One backbone layer on one expert-parallel rank (tp = 1): attention, router, the local routed experts
+    (stacked for experts_impl=grouped, one pair each for sequential) and the gated shared expert."""
+    h, d, local = t.hidden_size, t.head_dim, t.num_experts // ep
+    f, fs = t.moe_ffn_hidden_size, t.shared_expert_ffn_hidden_size
+    shapes = [("input_layernorm.weight", (h,)),
+              ("self_attention.linear_qkv.weight", ((t.num_attention_heads + 2 * t.num_query_groups) * d, h)),
+              ("self_attention.q_layernorm.weight", (d,)), ("self_attention.k_layernorm.weight", (d,)),
+              ("self_attention.linear_proj.weight", (h, t.num_attention_heads * d)),
+              ("pre_mlp_layernorm.weight", (h,)), ("mlp.router.weight", (t.num_experts, h))]
+    if t.experts_impl == "grouped":
+        shapes += [("mlp.experts.linear_fc1_weight", (local, 2 * f, h)),
+                   ("mlp.experts.linear_fc2_weight", (local, h, f))]
+    else:
+        for i in range(local):
+            shapes += [(f"mlp.experts.local_experts.{i}.linear_fc1.weight", (2 * f, h)),
+                       (f"mlp.experts.local_experts.{i}.linear_fc2.weight", (h, f))]
+    return shapes + [("mlp.shared_experts.gate_weight", (1, h)),
+                     ("mlp.shared_experts.linear_fc1.weight", (2 * fs, h)),
+                     ("mlp.shared_experts.linear_fc2.weight", (h, fs))]
+
+
+def _code_predictor_shapes(t: TalkerConfig) -> List[Tuple[str, Shape]]:
+    cp = t.code_predictor
+    h, d = cp.hidden_size, cp.head_dim
+    shapes: List[Tuple[str, Shape]] = []
+    for i in range(cp.num_layers):
+        layer = f"layers.{i}"
+        shapes += [(f"{layer}.self_attn.q_proj.weight", (cp.num_attention_heads * d, h)),
+                   (f"{layer}.self_attn.k_proj.weight", (cp.num_query_groups * d, h)),
+                   (f"{layer}.self_attn.v_proj.weight", (cp.num_query_groups * d, h)),
+                   (f"{layer}.self_attn.o_proj.weight", (h, cp.num_attention_heads * d)),
+                   (f"{layer}.self_attn.q_norm.weight", (d,)), (f"{layer}.self_attn.k_norm.weight", (d,)),
+                   (f"{layer}.mlp.gate_proj.weight", (cp.ffn_hidden_size, h)),
+                   (f"{layer}.mlp.up_proj.weight", (cp.ffn_hidden_size, h)),
+                   (f"{layer}.mlp.down_proj.weight", (h, cp.ffn_hidden_size)),
+                   (f"{layer}.input_layernorm.weight", (h,)), (f"{layer}.post_attention_layernorm.weight", (h,))]
+    shapes.append(("norm.weight", (h,)))
+    for j in range(t.num_code_groups - 1):  # one input embedding and one head per residual codebook
+        shapes += [(f"codec_embedding.{j}.weight", (cp.codebook_size, h)),
+                   (f"lm_head.{j}.weight", (cp.codebook_size, h))]
+    return shapes
+
+
+def talker_shapes(t: TalkerConfig, ep: int = 1) -> Dict[str, List[Tuple[str, Shape]]]:
+    """(name, shape) of every parameter of the Talker one expert-parallel rank holds, by part: ``backbone``
+    (codec embedding, layers, final norm, codec head), ``projections`` (text / hidden), ``code_predictor``.
+    Only the routed experts are split over ep; the rest is replicated (tp = pp = cp = 1)."""
+    h = t.hidden_size
+    backbone = [("backbone.embedding.word_embeddings.weight", (t.codec_vocab_size, h))]
+    layer = _talker_layer_shapes(t, ep)
+    for i in range(t.num_layers):
+        backbone += [(f"backbone.decoder.layers.{i}.{name}", shape) for name, shape in layer]
+    backbone += [("backbone.decoder.final_layernorm.weight", (h,)),
+                 ("backbone.output_layer.weight", (t.codec_vocab_size, h))]
+    projections = []
+    for name in ("text_projection", "hidden_projection"):
+        projections += _linear(f"{name}.linear_fc1", t.projection_ffn_hidden_size, t.thinker_hidden_size)
+        projections += _linear(f"{name}.linear_fc2", h, t.projection_ffn_hidden_size)
+    predictor = [(f"code_predictor.{name}", shape) for name, shape in _code_predictor_shapes(t)]
+    return dict(backbone=backbone, projections=projections, code_predictor=predictor)
+
+
+def talker_idle_expert_parameters(t: TalkerConfig) -> int:
+    """Routed-expert parameters a token does not use: (E - k) experts x 3 x hidden x expert FFN per layer."""
+    return t.num_layers * (t.num_experts - t.router_topk) * 3 * t.hidden_size * t.moe_ffn_hidden_size
+
+
+def talker_parameter_parts(t: TalkerConfig) -> Dict[str, int]:
+    """Parameter count of each part of the unsharded Talker (``talker_shapes``' parts)."""
+    return {part: sum(_numel(s) for _, s in shapes) for part, shapes in talker_shapes(t).items()}
+
+
+def count_talker_parameters(t: TalkerConfig) -> Tuple[int, int]:
+    """(total, active per token) of the Talker: backbone, projections and code predictor; a token leaves
+    E - k routed experts of every layer idle (the shared expert, the projections and the dense code
+    predictor, which runs on every frame, are active)."""
+    total = sum(talker_parameter_parts(t).values())
+    return total, total - talker_idle_expert_parameters(t)
+
+
+def talker_rank_parameters(t: TalkerConfig, ep: int) -> List[RankParam]:
+    """Every Talker parameter one rank holds, named ``talker.<its name in the Talker>``."""
+    return [RankParam(f"talker.{name}", _numel(shape), expert=".mlp.experts." in name)
+            for shapes in talker_shapes(t, ep).values() for name, shape in shapes]

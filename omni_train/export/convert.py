@@ -7,12 +7,15 @@
 
 Import builds the Thinker LM for the layout (on "meta", then empty CPU storage: no random init), fills each
 rank's shards from the HF tensors it needs, one HF tensor at a time, and writes a dist checkpoint:
-``model`` (the GPTModel's sharded_state_dict, as CheckpointManager writes it), ``carried`` (every non-LM
-HF tensor, keyed ``carried.<HF name>``, written by rank 0), the ``omni_train.json`` marker and the HF
-config.json / generation_config.json. Export reads the checkpoint's global tensors layer by layer through
-a world-size-1 sharded state dict, whatever layout wrote it, and writes transformers' on-disk layout;
-a run trained from scratch gets its HF config and tokenizer from its config.yaml (from_run.py). Generate
-loads an export with transformers and decodes greedily (generate.py).
+``model`` (the GPTModel's sharded_state_dict, as CheckpointManager writes it), ``talker`` / ``code2wav``
+(the audio output as our Talker's sharded state and Code2Wav's tensors: talker.py), ``carried`` (every other
+HF tensor, keyed ``carried.<HF name>``, written by rank 0: the towers, and the audio output where our Talker
+cannot take it), the ``omni_train.json`` marker and the HF config.json / generation_config.json. Export
+reads the checkpoint's global tensors layer by layer through a world-size-1 sharded state dict, whatever
+layout wrote them (dist_io.py), each part (LM, Talker, Code2Wav, carried) from the checkpoint or, where it
+holds none, from the import it was trained from, and writes transformers' on-disk layout; a run trained
+from scratch gets its HF config and tokenizer from its config.yaml (from_run.py). Generate loads an export
+with transformers and decodes greedily (generate.py).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from omni_train.compat import quiet_library_warnings
 
@@ -31,16 +35,16 @@ quiet_library_warnings()  # before megatron is imported: `python -m omni_train.e
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-from torch.distributed.checkpoint.planner import LoadPlan
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from omni_train.checkpoint.manager import MARKER, latest_checkpoint
 from omni_train.config.schema import ParallelConfig
+from omni_train.export import talker as audio_output
+from omni_train.export.dist_io import (
+    EXPERT as _EXPERT, check_against_metadata, checkpoint_sources, key_templates as _key_templates, read_layer,
+    read_whole,
+)
 from omni_train.export.from_run import NO_TALKER_NOTE, read_run, write_hf_files
 from omni_train.export.hf_io import HFReader, ShardedWriter
 from omni_train.models.thinker.lm import build_thinker_lm
@@ -105,7 +109,6 @@ def check_hf_lm(reader: HFReader, cfg, source: str) -> Tuple[torch.dtype, set]:
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 def global_name(local: str, model, experts_per_rank: int) -> str:
@@ -165,13 +168,18 @@ def carried_state(reader: HFReader, names: List[str]) -> Dict[str, ShardedTensor
 def import_hf(hf_dir: Path, out: Path, parallel_cfg: ParallelConfig, source: str = "qwen3_omni_moe") -> Path:
     """HF checkpoint dir -> our dist checkpoint at ``out``; megatron's parallel state must match the layout."""
     hf_dir, out = Path(hf_dir), Path(out)
-    _, text = read_hf_config(hf_dir, source)
+    config, text = read_hf_config(hf_dir, source)
     cfg = model_config_from_hf(text)
     reader = HFReader(hf_dir)
     dtype, lm_names = check_hf_lm(reader, cfg, source)
-    carried = [n for n in reader.names() if n not in lm_names]
+    audio = audio_output.plan_audio_output(config, reader, parallel_cfg) if source == "qwen3_omni_moe" \
+        else audio_output.AudioOutput()
+    carried = [n for n in reader.names() if n not in lm_names and n not in audio.names]
     if source == "qwen3_moe" and carried:
         raise ValueError(f"tensor {carried[0]!r} is not part of the Qwen3-MoE LM ({len(carried)} unexpected)")
+    if audio.carried_reason and _rank() == 0:
+        print(f"omni-convert import: talker and code2wav carried unchanged (no Talker to train in this "
+              f"checkpoint): {audio.carried_reason}", file=sys.stderr, flush=True)
     model, splits = build_empty_lm(cfg, parallel_cfg, dtype)
     fill_lm(model, splits, reader, cfg, source)
     tmp = out.with_name(out.name + ".tmp")
@@ -179,7 +187,7 @@ def import_hf(hf_dir: Path, out: Path, parallel_cfg: ParallelConfig, source: str
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    state = {"model": model.sharded_state_dict()}
+    state = {"model": model.sharded_state_dict(), **audio_output.import_state(audio, reader, parallel_cfg)}
     if _rank() == 0 and carried:
         state["carried"] = carried_state(reader, carried)
     dist_checkpointing.save(state, str(tmp))
@@ -190,6 +198,8 @@ def import_hf(hf_dir: Path, out: Path, parallel_cfg: ParallelConfig, source: str
                 shutil.copy(hf_dir / name, tmp / name)
         marker = dict(step=0, consumed_samples=0, hf_source=source, carried_from=str(out.resolve()),
                       layout=vars(parallel_cfg))
+        if audio.marker():
+            marker["audio_output"] = audio.marker()
         (tmp / MARKER).write_text(json.dumps(marker))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
@@ -202,82 +212,13 @@ def import_hf(hf_dir: Path, out: Path, parallel_cfg: ParallelConfig, source: str
 
 
 def key_templates(cfg, dtype: torch.dtype) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """Checkpoint key -> (unsharded megatron name template, global shape), from a world-size-1 meta model.
+    """Checkpoint key -> (unsharded megatron name template, global shape), from a world-size-1 meta LM.
 
     Layer keys carry a leading layer axis, expert keys then an expert axis (megatron's prepended axes).
     """
     model = build_thinker_lm(_per_expert_parameters(cfg), ParallelConfig(), device="meta", params_dtype=dtype)
-    params = dict(model.named_parameters())
-    out = {}
-    for name, sh in model.sharded_state_dict().items():
-        if not isinstance(sh, (ShardedTensor, ShardedTensorFactory)):
-            continue
-        template = _EXPERT.sub(".local_experts.{expert}.", _LAYER.sub("decoder.layers.{layer}.", name))
-        shape = ((cfg.num_layers,) if "{layer}" in template else ()) + (
-            (cfg.num_experts,) if "{expert}" in template else ()) + tuple(params[name].shape)
-        out.setdefault(sh.key, (template, shape))
-    return out
-
-
-def _check_against_metadata(keys: dict, metadata: dict) -> None:
-    for key, (template, shape) in keys.items():
-        if key not in metadata:
-            raise ValueError(f"checkpoint is missing tensor {key!r} (for {template!r})")
-        if tuple(metadata[key].global_shape) != shape:
-            raise ValueError(f"checkpoint tensor {key!r} has shape {list(metadata[key].global_shape)}, "
-                             f"the config implies {list(shape)}")
-
-
-class _BoxPlanner(DefaultLoadPlanner):
-    """Reads, for each key, the box of the global tensor that starts at ``offsets[key]`` and has the
-    shape of the destination tensor; only the stored chunks overlapping it are read."""
-
-    def __init__(self, offsets: Dict[str, Tuple[int, ...]]):
-        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-        self.offsets = offsets
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for key, tensor in self.state_dict.items():
-            box = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=tensor.size())
-            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [box])
-        return LoadPlan(items)
-
-    def lookup_tensor(self, index) -> torch.Tensor:  # the destination is the box itself
-        return self.state_dict[index.fqn]
-
-
-def read_boxes(ckpt: Path, boxes: Dict[str, Tuple[Tuple[int, ...], torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """{key: (global offsets, destination)} -> {key: destination filled from the checkpoint}.
-
-    Reads the torch_dist (DCP) files directly: megatron's loader cannot load a part of a tensor at world
-    size 1 (it places the other parts on "another" rank, which is rank 0 again).
-    """
-    state = {key: dest for key, (_, dest) in boxes.items()}
-    planner = _BoxPlanner({key: offsets for key, (offsets, _) in boxes.items()})
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), planner=planner, no_dist=True)
-    return state
-
-
-def _read_layer(ckpt: Path, keys: dict, metadata: dict, layer) -> Dict[str, torch.Tensor]:
-    """{unsharded megatron name: tensor} of one layer (or of the non-layer keys for layer None)."""
-    boxes = {}
-    for key, (template, shape) in keys.items():
-        if ("{layer}" in template) != (layer is not None):
-            continue
-        box = shape if layer is None else (1,) + shape[1:]
-        offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
-        boxes[key] = (offsets, torch.empty(box, dtype=metadata[key].dtype))
-    out = {}
-    for key, tensor in read_boxes(ckpt, boxes).items():
-        template = keys[key][0]
-        if layer is None:
-            out[template] = tensor
-        elif "{expert}" in template:
-            out.update({template.format(layer=layer, expert=e): t for e, t in enumerate(tensor[0])})
-        else:
-            out[template.format(layer=layer)] = tensor[0]
-    return out
+    return _key_templates(model.sharded_state_dict(), dict(model.named_parameters()), cfg.num_layers,
+                          cfg.num_experts)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -293,22 +234,24 @@ def resolve_checkpoint(path: Path) -> Path:
 def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Our checkpoint (any layout) -> transformers' on-disk layout; needs world-size-1 parallel state.
 
-    An imported checkpoint (or one trained from an import) takes its HF config from the import and its
-    non-LM tensors from the import's carried ones. A run trained from scratch has no HF provenance: its
-    HF config and tokenizer come from the run's config.yaml (export/from_run.py) and only what it holds
-    (the Thinker: LM and towers) is exported, without talker / code2wav.
+    An imported checkpoint (or one trained from an import) takes its HF config from the import; each part
+    (Thinker LM, Talker, Code2Wav, carried tensors) comes from the checkpoint where it holds one, else from
+    the import it was trained from. A run trained from scratch has no HF provenance: its HF config and
+    tokenizer come from the run's config.yaml (export/from_run.py) and only what it holds (the Thinker: LM
+    and towers) is exported, without talker / code2wav.
     """
     ckpt, out = resolve_checkpoint(ckpt), Path(out)
     source = json.loads((ckpt / MARKER).read_text()).get("hf_source")
-    run = None
+    run, hf_config = None, None
     if source is None:
         run = read_run(ckpt)  # before writing anything: a missing piece fails first
         cfg, source = run.model, "qwen3_omni_moe"
     elif source not in SOURCES:
         raise ValueError(f"{ckpt / MARKER}: field 'hf_source' is {source!r}, expected one of {sorted(SOURCES)}")
     else:
-        cfg = model_config_from_hf(read_hf_config(ckpt, source)[1])
-    dtype = _write_weights(ckpt, out, cfg, source, max_shard_bytes)
+        hf_config, text = read_hf_config(ckpt, source)
+        cfg = model_config_from_hf(text)
+    dtype = _write_weights(ckpt, out, cfg, source, max_shard_bytes, hf_config)
     if run is None:
         for name in CONFIG_FILES:
             if (ckpt / name).exists():
@@ -319,63 +262,58 @@ def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path
     return out
 
 
-def _write_weights(ckpt: Path, out: Path, cfg, source: str, max_shard_bytes: int) -> torch.dtype:
-    """The LM (through the bridge table) and the carried tensors into sharded safetensors; returns the
-    LM's dtype."""
-    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    if "embedding.word_embeddings.weight" not in metadata:
-        raise ValueError(f"{ckpt}: checkpoint is missing tensor 'embedding.word_embeddings.weight'")
-    dtype = metadata["embedding.word_embeddings.weight"].dtype
-    keys = key_templates(cfg, dtype)
-    _check_against_metadata(keys, metadata)
-    table = {mg: (row, hf) for row, mg, hf in expand_table(cfg)}
+LM_ANCHOR = "embedding.word_embeddings.weight"
+
+
+def _write_weights(ckpt: Path, out: Path, cfg, source: str, max_shard_bytes: int,
+                   hf_config: Optional[dict]) -> torch.dtype:
+    """The LM (through the bridge table), the Talker and Code2Wav (talker.py) and the carried tensors into
+    sharded safetensors; returns the LM's dtype."""
+    sources = checkpoint_sources(ckpt)
+    lm = next(((path, metadata) for path, metadata in sources if LM_ANCHOR in metadata), None)
+    if lm is None:
+        raise ValueError(f"{ckpt}: checkpoint is missing tensor {LM_ANCHOR!r}")
     writer = ShardedWriter(out, max_shard_bytes)
+    used = {path: set() for path, _ in sources}
+    used[lm[0]] |= _write_lm(*lm, cfg, source, writer)
+    for path, keys in audio_output.write_audio_output(sources, hf_config, writer, max_shard_bytes).items():
+        used[path] |= keys
+    for index, (path, metadata) in enumerate(sources):
+        # the checkpoint's own keys must all be known; from the import take only what is still missing
+        keys = [k for k in metadata if k not in used[path] and not k.startswith(TRAINING_STATE)]
+        _export_carried(path, metadata, keys, writer.names(), writer, max_shard_bytes, strict=index == 0)
+    writer.close()
+    return lm[1][LM_ANCHOR].dtype
+
+
+def _write_lm(path: Path, metadata: dict, cfg, source: str, writer: ShardedWriter) -> set:
+    keys = key_templates(cfg, metadata[LM_ANCHOR].dtype)
+    check_against_metadata(keys, metadata)
+    table = {mg: (row, hf) for row, mg, hf in expand_table(cfg)}
     for layer in [None] + list(range(cfg.num_layers)):
-        for name, tensor in _read_layer(ckpt, keys, metadata, layer).items():
+        for name, tensor in read_layer(path, keys, metadata, layer).items():
             row, hf_names = table[name]
             for hf_name, piece in zip(hf_names, to_hf(row, tensor, cfg)):
                 writer.add(rename_hf(hf_name, source), piece)
-    _export_carried(ckpt, metadata, set(keys), writer, max_shard_bytes)
-    _export_carried_elsewhere(ckpt, metadata, writer, max_shard_bytes)
-    writer.close()
-    return dtype
+    return set(keys)
 
 
-def _export_carried(ckpt: Path, metadata: dict, used: set, writer: ShardedWriter, budget: int) -> None:
-    """The carried tensors, loaded in batches of at most ``budget`` bytes; any other key is an error."""
-    batch, size = {}, 0
-    for key, meta in metadata.items():
-        if key in used or key.startswith(TRAINING_STATE):
-            continue
+def _export_carried(path: Path, metadata: dict, keys: List[str], written: set, writer: ShardedWriter,
+                    budget: int, strict: bool) -> None:
+    """The carried tensors among ``keys`` whose HF name is not written yet, loaded in batches of at most
+    ``budget`` bytes; with ``strict`` any key that is not carried is an error."""
+    carried = []
+    for key in keys:
         if not key.startswith(CARRIED):
-            raise ValueError(f"checkpoint tensor {key!r} is neither an LM tensor of this config nor carried")
-        nbytes = meta.dtype.itemsize * torch.Size(meta.global_shape).numel()
-        if batch and size + nbytes > budget:
-            _write_batch(ckpt, batch, writer)
-            batch, size = {}, 0
-        batch[key] = ((0,) * len(meta.global_shape), torch.empty(meta.global_shape, dtype=meta.dtype))
-        size += nbytes
-    if batch:
-        _write_batch(ckpt, batch, writer)
-
-
-def _export_carried_elsewhere(ckpt: Path, metadata: dict, writer: ShardedWriter, budget: int) -> None:
-    """A checkpoint written by training holds the LM only; its non-LM tensors (towers, talker, code2wav)
-    are still those of the imported checkpoint its marker names in ``carried_from``."""
-    source = json.loads((ckpt / MARKER).read_text()).get("carried_from")
-    if not source or Path(source).resolve() == ckpt.resolve():
-        return
-    if not (Path(source) / MARKER).exists():
-        raise FileNotFoundError(f"{ckpt / MARKER}: field 'carried_from' names {source}, which is not a checkpoint")
-    # What training wrote itself (e.g. trained towers) wins; the rest comes from the import.
-    carried = {k: m for k, m in dist_checkpointing.load_tensors_metadata(source).items()
-               if k.startswith(CARRIED) and k not in metadata}
-    _export_carried(Path(source), carried, set(), writer, budget)
-
-
-def _write_batch(ckpt: Path, batch: dict, writer: ShardedWriter) -> None:
-    for key, tensor in read_boxes(ckpt, batch).items():
-        writer.add(key[len(CARRIED):], tensor)
+            if strict:
+                raise ValueError(f"checkpoint tensor {key!r} is neither an LM, Talker or Code2Wav tensor of this "
+                                 "config nor carried")
+            continue
+        if key[len(CARRIED):] not in written:  # what the checkpoint wrote itself (e.g. a trained Talker) wins
+            carried.append(key)
+    for batch in audio_output.batches(metadata, carried, budget):
+        for key, tensor in read_whole(path, metadata, batch).items():
+            writer.add(key[len(CARRIED):], tensor)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -72,16 +72,22 @@ class ShardedWriter:
         self._buffer_bytes = 0
         self._shards: List[List[str]] = []  # names per written shard, in order
         self._total = 0
+        self._names: set = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._buffer or any(name in s for s in self._shards):
+        if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
             self._flush()
         self._buffer[name] = tensor.detach().contiguous()
         self._buffer_bytes += size
         self._total += size
+
+    def names(self) -> set:
+        """Every tensor name added so far (a copy)."""
+        return set(self._names)
 
     def _flush(self) -> None:
         save_file(self._buffer, str(self.root / f".shard-{len(self._shards)}.tmp"), metadata={"format": "pt"})

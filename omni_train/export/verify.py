@@ -15,6 +15,12 @@ ids from the HF config, audio in video interleaved by timestamp (video first on 
 reference gets transformers' ``get_rope_index``, ours gets ``rope_index.tm_rope_position_ids`` (what the
 data pipeline writes), so a TM-RoPE disagreement shows up as a logit difference too.
 
+With audio output (a talker and code2wav our Talker can take at this layout: export/talker.py's rule), the
+Talker and Code2Wav are checked too (verify_talker.py): codebook-0 and residual logits of our imported Talker
+and Code2Wav's waveform on seeded inputs (kinds ``talker_codec0``, ``talker_residual``, ``code2wav``), and
+every imported Talker / Code2Wav tensor against what transformers loaded (a difference names the tensor).
+Where import would carry them unchanged instead, a note on stderr says why they were not checked.
+
 Multi-process: every rank builds its shard of our model and runs the same inputs; rank 0 alone loads the
 reference (first, and frees it before building ours), compares and prints. The towers need tp = 1
 (``build_omni_thinker``'s rule): at tp > 1 an Omni directory is checked on text only, through the LM.
@@ -26,6 +32,7 @@ import copy
 import dataclasses
 import gc
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,8 +49,10 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 )
 
 from omni_train.config.schema import ParallelConfig
+from omni_train.export import verify_talker
 from omni_train.export.convert import SOURCES, check_hf_lm, fill_lm, read_hf_config
 from omni_train.export.hf_io import HFReader
+from omni_train.export.talker import AudioOutput, plan_audio_output
 from omni_train.models.thinker.bridge import model_config_from_hf
 from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.models.thinker.omni import OmniThinker, PlaceholderIds
@@ -233,14 +242,23 @@ def build_cases(vocab_size: int, thinker: Optional[Qwen3OmniMoeThinkerConfig], k
 
 def reference_logits(hf_dir: Path, source: str, cases: List[Case]) -> Dict[str, torch.Tensor]:
     """transformers' model loaded from the directory in fp32 (thinker alone used), logits per kind."""
+    return reference_outputs(hf_dir, source, cases)[0]
+
+
+def reference_outputs(hf_dir: Path, source: str, cases: List[Case], probe: Optional[verify_talker.Probe] = None
+                      ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
+    """transformers' model loaded from the directory in fp32: the thinker's logits per kind and, with an
+    audio-output ``probe``, the Talker's and Code2Wav's outputs (verify_talker.py) and tensor digests."""
     from transformers import AutoModelForCausalLM, Qwen3OmniMoeForConditionalGeneration
 
     # eager experts: one matmul per expert, the plain definition (grouped_mm also wants 16-byte strides)
     load = dict(dtype=torch.float32, local_files_only=True, experts_implementation="eager")
     if source == "qwen3_moe":
+        full = None
         model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", **load)
     else:
-        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(hf_dir, **load).thinker
+        full = Qwen3OmniMoeForConditionalGeneration.from_pretrained(hf_dir, **load).eval()
+        model = full.thinker
         model.config.text_config._attn_implementation = "eager"  # as the parity tests; towers keep SDPA
     model.eval()
     out = {}
@@ -253,9 +271,11 @@ def reference_logits(hf_dir: Path, source: str, cases: List[Case]) -> Dict[str, 
                 positions, _ = model.model.get_rope_index(case.input_ids, attention_mask=ones, **case.rope)
             out[case.kind] = model(input_ids=case.input_ids, attention_mask=ones, position_ids=positions,
                                    **case.media).logits
-    del model
+    audio, digests = verify_talker.reference_kinds(full, probe)
+    out.update(audio)
+    del model, full
     gc.collect()
-    return out
+    return out, digests
 
 
 def _tower(cls, config, reader: HFReader, prefix: str):
@@ -324,8 +344,9 @@ class Difference:
     shape: Tuple[int, ...]
 
     def line(self) -> str:
+        what = "waveform" if self.kind == "code2wav" else "logits"
         return (f"  {self.kind:<15} max |diff| {self.max_abs:.3e}   mean |diff| {self.mean_abs:.3e}   "
-                f"logits {list(self.shape)}")
+                f"{what} {list(self.shape)}")
 
 
 def compare(reference: Dict[str, torch.Tensor], ours: Dict[str, torch.Tensor]) -> List[Difference]:
@@ -345,7 +366,8 @@ def failure_message(diffs: List[Difference], atol: float) -> Optional[str]:
         return None
     kinds = ", ".join(f"{d.kind} (max |diff| {d.max_abs:.3e} > atol {atol:.1e}, mean {d.mean_abs:.3e})"
                       for d in bad)
-    return f"logits differ from transformers' for {kinds}"
+    return f"outputs differ from transformers' for {kinds}" if any(d.kind in verify_talker.KINDS for d in bad) \
+        else f"logits differ from transformers' for {kinds}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,32 +388,43 @@ def _from_rank0(message: Optional[str]) -> Optional[str]:
 
 def verify(hf_dir: Path, layout: ParallelConfig, atol: float = 1e-4) -> Optional[List[Difference]]:
     """Compare, print (rank 0) and return rank 0's differences (None on other ranks); raises SystemExit(1)
-    on every rank when a kind's max difference is above ``atol``. Megatron's parallel state must be set
-    up for ``layout``."""
+    on every rank when a kind's max difference is above ``atol`` or an imported Talker tensor differs from
+    transformers'. Megatron's parallel state must be set up for ``layout``."""
     hf_dir = Path(hf_dir)
     source = detect_source(hf_dir)
     config, text = read_hf_config(hf_dir, source)
     cfg = model_config_from_hf(text)
+    reader = HFReader(hf_dir)
     # before loading anything, what import refuses fails first: tensors, then the layer config (on "meta")
-    check_hf_lm(HFReader(hf_dir), cfg, source)
+    check_hf_lm(reader, cfg, source)
     build_thinker_lm(_per_expert(cfg), layout, device="meta", params_dtype=torch.float32)
+    audio = plan_audio_output(config, reader, layout) if source == "qwen3_omni_moe" else AudioOutput()
     with_towers = source == "qwen3_omni_moe" and layout.tp == 1
     thinker = Qwen3OmniMoeThinkerConfig(**config["thinker_config"]) if with_towers else None
     cases = build_cases(cfg.vocab_size, thinker, KINDS if with_towers else ("text",))
+    probe = verify_talker.build_probe(audio.cfg, config.get("code2wav_config") or {}) if audio.cfg else None
     if _rank() == 0:
         print(f"omni-convert verify: {hf_dir} ({SOURCES[source][0]}, tp={layout.tp} ep={layout.ep}, fp32, "
               f"atol {atol:.1e})", flush=True)
         if source == "qwen3_omni_moe" and not with_towers:
             print("  (audio, image and video skipped: the towers run at tp=1 only; run verify without --tp)",
                   flush=True)
-    reference = reference_logits(hf_dir, source, cases) if _rank() == 0 else None
+        if audio.carried_reason:  # stderr: the table on stdout lists what was compared
+            print(f"omni-convert verify: talker and code2wav not checked (import carries them unchanged): "
+                  f"{audio.carried_reason}", file=sys.stderr, flush=True)
+    reference, digests = reference_outputs(hf_dir, source, cases, probe) if _rank() == 0 else (None, None)
     ours = our_logits(import_in_memory(hf_dir, source, layout, with_towers), cases, layout.tp)
+    tensors = None
+    if probe is not None:
+        talker_out, tensors = verify_talker.check_audio_output(audio, reader, config.get("code2wav_config") or {},
+                                                               layout, digests, probe)
+        ours.update(talker_out)
     diffs, message = None, None
     if _rank() == 0:
         diffs = compare(reference, ours)
         for d in diffs:
             print(d.line(), flush=True)
-        message = failure_message(diffs, atol)
+        message = "; ".join(m for m in (failure_message(diffs, atol), tensors) if m) or None
     message = _from_rank0(message)
     if message is not None:
         raise SystemExit(f"omni-convert verify: {message}" if _rank() == 0 else 1)

@@ -18,7 +18,7 @@ from omni_train.planning.dry_run import print_dry_run
 from omni_train.planning.param_inventory import audio_tower_shapes, vision_tower_shapes
 from tests.cli import omni_train
 
-RECIPES = ["audio_align", "vision_align", "general_pretrain", "long_context"]
+RECIPES = ["audio_align", "vision_align", "general_pretrain", "long_context", "sft", "distill_offpolicy"]
 # thinker_config of Qwen/Qwen3-Omni-30B-A3B-Instruct's config.json, written out (not read from our yaml)
 RELEASED_THINKER = dict(
     text_config=dict(vocab_size=152064, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,

@@ -1,5 +1,6 @@
-"""The tiny pretraining pipeline through the real CLI, shortened: synthetic data made on first use, S1 audio
--> S1 vision -> S2 (interrupted, then resumed by rerunning the command) -> S3 -> export -> generation.
+"""The tiny pipeline through the real CLI, shortened: synthetic data made on first use, S1 audio -> S1 vision
+-> S2 (interrupted, then resumed by rerunning the command) -> S3 -> SFT -> off-policy distillation -> export
+-> generation.
 
 Checks each stage's hand-off, its loss falling, per-modality losses adding up to the loss, the S2/S3
 mixtures following their token weights, the skip/resume of a partly finished pipeline, and that the
@@ -22,6 +23,8 @@ STAGES = {
     "vision_align": ["trainer.max_steps=4", "stage.phases.0.steps=2", "stage.phases.1.steps=2"],
     "general_pretrain": ["trainer.max_steps=5"],
     "long_context": ["trainer.max_steps=3", "trainer.seq_length=1024"],
+    "sft": ["trainer.max_steps=3"],
+    "distill_offpolicy": ["trainer.max_steps=3"],
 }
 SHARED = ["trainer.global_batch_size=2", "trainer.micro_batch_size=1", "optim.warmup_steps=1",
           "checkpoint.save_every=2", "pipeline.synth_samples=6", "pipeline.max_new_tokens=4"]
@@ -69,7 +72,9 @@ def test_pipeline_hand_off_resume_export(tmp_path):
     # hand-off: each stage starts from the previous stage's final checkpoint
     handoff = {"vision_align": "audio_align/checkpoints/step_00000004",
                "general_pretrain": "vision_align/checkpoints/step_00000004",
-               "long_context": "general_pretrain/checkpoints/step_00000005"}
+               "long_context": "general_pretrain/checkpoints/step_00000005",
+               "sft": "long_context/checkpoints/step_00000003",
+               "distill_offpolicy": "sft/checkpoints/step_00000003"}
     logs = first.stdout + out
     for stage, source in handoff.items():
         assert f"initialised model weights from runs/tiny_pretrain/{source}" in logs, stage
@@ -93,7 +98,7 @@ def test_pipeline_hand_off_resume_export(tmp_path):
         assert last[f"data_share_{i}_{name}"] == pytest.approx(w / total, abs=0.08), name
 
     export = root / "export"
-    assert f"exported runs/tiny_pretrain/long_context/checkpoints/step_00000003 -> {export.relative_to(tmp_path)}" \
+    assert f"exported runs/tiny_pretrain/distill_offpolicy/checkpoints/step_00000003 -> {export.relative_to(tmp_path)}" \
         in out
     assert "assistant:" in out
     config = json.loads((export / "config.json").read_text())

@@ -78,7 +78,7 @@ def build_frozen_model(spec: FrozenModelConfig, cfg: TrainConfig, build: Callabl
 
 
 def import_hf_in_memory(hf_dir: Path, cfg: TrainConfig) -> torch.nn.Module:
-    """A Hugging Face directory (Qwen3-Omni, or Qwen3-MoE for a text stage) imported into this rank's piece
+    """A Hugging Face directory (Qwen3-Omni, or a Qwen3-MoE or dense Qwen3 LM for a text teacher) imported into this rank's piece
     of our model as `omni-convert import` fills it, without writing a checkpoint: the LM through the
     bridge table (per-expert weights), the towers by name when the stage's model has them."""
     from omni_train.export.verify import detect_source, import_in_memory

@@ -17,7 +17,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def flops_per_token(model: ThinkerConfig, seq_length: int) -> float:
-    """Training FLOPs per token (forward + backward), Megatron's MoE formula.
+    """Training FLOPs per token (forward + backward), Megatron's MoE formula (a dense LM: its MLP in place of
+    the top-k experts, no router).
 
     6 * (active linear parameters per token) for the projections, routed SwiGLU experts (3 matrices,
     top-k of them), router and output layer, plus the causal core attention 6 * L * S * q_dim
@@ -29,6 +30,8 @@ def flops_per_token(model: ThinkerConfig, seq_length: int) -> float:
     attention = h * (2 * q_dim + 2 * kv_dim)
     experts = 3 * h * model.router_topk * model.moe_ffn_hidden_size
     router = h * model.num_experts
+    if model.num_experts == 0:  # a dense LM: one SwiGLU MLP per layer, no router
+        experts, router = 3 * h * model.ffn_hidden_size, 0
     linear = layers * (attention + experts + router) + h * model.vocab_size
     return 6.0 * linear + 6.0 * layers * seq_length * q_dim
 

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
+from omni_train.config.rollout import RolloutConfig
 from omni_train.config.talker import TalkerConfig
 
 
@@ -62,6 +63,11 @@ class ThinkerConfig:
     num_experts: int = MISSING
     router_topk: int = MISSING
     moe_ffn_hidden_size: int = MISSING  # per routed expert
+    # num_experts: 0 is a dense LM (Qwen3ForCausalLM, e.g. a Qwen3-32B teacher): every layer a SwiGLU MLP of
+    # this width; router_topk and moe_ffn_hidden_size are then 0 and the MoE fields below are not read.
+    ffn_hidden_size: int = 0
+    # the output layer reads the input embedding's weight (small Qwen3 models); no separate lm_head
+    tie_word_embeddings: bool = False
     rope_theta: float = 1_000_000.0
     # TM-RoPE: rotary angles given to the temporal / height / width position ids, interleaved across the
     # rotary dimension. Must sum to head_dim // 2.
@@ -281,6 +287,10 @@ class FrozenModelConfig:
     # or "hf:<dir>" (a Hugging Face directory, imported in memory through the bridge table).
     source: str = "init"
     save: bool = False  # also write it into this stage's checkpoints (restored from them on resume)
+    # Its sizes for planning (the dry run's memory estimate), as a conf/model flavor name (e.g. qwen3_32b):
+    # for an "hf:<dir>" that is not on this machine. Where <dir>/config.json (or the source run's
+    # config.yaml) is readable, that wins; null: those, else the trained model's sizes.
+    model: Optional[str] = None
 
 
 @dataclass
@@ -290,6 +300,17 @@ class StageLossConfig:
     # distill_offpolicy: weight of the top-k logit term (KL to the teacher's stored top-k + tail) next to
     # the cross-entropy on the teacher's response; both are means over the response tokens
     top_k_weight: float = 1.0
+    # distill_onpolicy: the per-token divergence to the teacher over the full vocabulary (losses/onpolicy.py):
+    # "reverse_kl" KL(student || teacher) (default), "forward_kl" KL(teacher || student), "jsd" generalised
+    # JSD with `beta` (trl GKD's: beta 0 forward, 1 reverse), or "sampled_token": the sampled token's
+    # log-ratio log p_teacher - log p_student as a per-token advantage (the cheaper form, no full vocabulary)
+    divergence: str = "reverse_kl"
+    beta: float = 0.5  # jsd only
+    temperature: float = 1.0  # both models' logits are divided by it
+    chunk_tokens: int = 1024  # the full-vocabulary divergence runs over at most this many positions at once
+    # distill_onpolicy: distil only text prompts when the teacher takes no media (a text LLM); false: such a
+    # teacher with multimodal prompts is a config error
+    text_prompts_only: bool = False
 
 
 @dataclass
@@ -298,7 +319,7 @@ class StageConfig:
     # The registered stage whose code (model, data, forward) this stage runs (omni_train/stages/__init__.py);
     # null: the stage registered under `name`. Stages that differ only in configuration share one.
     base: Optional[str] = None
-    loop: str = "supervised"  # the loop that drives it (omni_train/loops/): "supervised"
+    loop: str = "supervised"  # the loop that drives it (omni_train/loops/): "supervised" | "rollout"
     frozen_models: List[FrozenModelConfig] = field(default_factory=list)
     # Regular expressions over parameter names; a parameter trains when it matches `trainable` and not
     # `frozen`.
@@ -308,6 +329,8 @@ class StageConfig:
     # steps must add up to trainer.max_steps. Empty: one phase, the whole run.
     phases: List[PhaseConfig] = field(default_factory=list)
     loss: StageLossConfig = field(default_factory=StageLossConfig)
+    # stages driven by the rollout loop (stage.loop=rollout): how responses are sampled (config/rollout.py)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass

@@ -36,7 +36,7 @@ POSITIVE = (
     "trainer.max_steps", "trainer.log_every", "trainer.global_batch_size", "trainer.micro_batch_size",
     "trainer.seq_length", "checkpoint.save_every", "checkpoint.keep_last", "parallel.collective_timeout_s",
     "model.thinker.num_layers", "model.thinker.hidden_size", "model.thinker.num_attention_heads", "model.thinker.num_query_groups",
-    "model.thinker.head_dim", "model.thinker.num_experts", "model.thinker.router_topk", "model.thinker.vocab_size",
+    "model.thinker.head_dim", "model.thinker.vocab_size",
 )
 
 
@@ -67,8 +67,7 @@ def _check_values(cfg: DictConfig) -> None:
                  "data.responses.top_logprobs", "top log-probabilities come with teacher responses "
                  "(data.responses.source=teacher)")
     model = cfg.model.thinker
-    _require(model.router_topk <= model.num_experts, "model.thinker.router_topk",
-             f"{model.router_topk} exceeds model.thinker.num_experts={model.num_experts}")
+    _check_mlp(model)
     _require(model.num_attention_heads % model.num_query_groups == 0, "model.thinker.num_query_groups",
              f"{model.num_query_groups} does not divide model.thinker.num_attention_heads={model.num_attention_heads}")
     _require(sum(model.mrope_section) * 2 == model.head_dim, "model.thinker.mrope_section",
@@ -91,6 +90,20 @@ def _check_values(cfg: DictConfig) -> None:
     init_from = cfg.init_from
     _require(init_from is None or not init_from.startswith("stage:") or len(init_from) > 6,
              "init_from", "expected stage:<name> or a checkpoint path")
+
+
+def _check_mlp(model: DictConfig) -> None:
+    """MoE (num_experts > 0: top-k of them, each of moe_ffn_hidden_size) or dense (num_experts = 0: one
+    SwiGLU MLP of ffn_hidden_size per layer)."""
+    _require(model.num_experts >= 0, "model.thinker.num_experts", f"must be >= 0, got {model.num_experts}")
+    if model.num_experts == 0:
+        _require(model.ffn_hidden_size > 0, "model.thinker.ffn_hidden_size",
+                 f"a dense LM (model.thinker.num_experts=0) needs ffn_hidden_size > 0, got {model.ffn_hidden_size}")
+        return
+    for key in ("router_topk", "moe_ffn_hidden_size"):
+        _require(model[key] > 0, f"model.thinker.{key}", f"must be > 0 with experts, got {model[key]}")
+    _require(model.router_topk <= model.num_experts, "model.thinker.router_topk",
+             f"{model.router_topk} exceeds model.thinker.num_experts={model.num_experts}")
 
 
 def _check_phases(cfg: DictConfig) -> None:
@@ -196,8 +209,9 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
              f"world size {world_size} is not divisible by tp*pp*cp={par.tp}*{par.pp}*{par.cp}")
     _require(world_size % (par.tp * par.pp * par.ep) == 0, "parallel.ep",
              f"world size {world_size} is not divisible by tp*pp*ep={par.tp}*{par.pp}*{par.ep}")
-    _require(model.num_experts % par.ep == 0, "parallel.ep",
-             f"model.thinker.num_experts={model.num_experts} is not divisible by ep={par.ep}")
+    _require(model.num_experts % par.ep == 0 and (model.num_experts > 0 or par.ep == 1), "parallel.ep",
+             f"model.thinker.num_experts={model.num_experts} is not divisible by ep={par.ep}"
+             + (" (a dense LM has no experts to split: ep=1)" if model.num_experts == 0 else ""))
     _require(model.num_attention_heads % par.tp == 0, "parallel.tp",
              f"model.thinker.num_attention_heads={model.num_attention_heads} is not divisible by tp={par.tp}")
     _require(model.num_query_groups % par.tp == 0, "parallel.tp",
@@ -205,7 +219,7 @@ def _check_layout(cfg: DictConfig, world_size: int) -> None:
     _require(model.num_layers % par.pp == 0, "parallel.pp",
              f"model.thinker.num_layers={model.num_layers} is not divisible by pp={par.pp}")
     _require(not par.sequence_parallel or par.tp > 1, "parallel.sequence_parallel", "needs tp > 1")
-    _require(par.tp == 1 or par.sequence_parallel, "parallel.sequence_parallel",
+    _require(par.tp == 1 or par.sequence_parallel or model.num_experts == 0, "parallel.sequence_parallel",
              "MoE layers with tp > 1 need sequence_parallel=true (megatron-core requires it)")
     _require(trainer.seq_length % (2 * par.cp) == 0 or par.cp == 1, "trainer.seq_length",
              f"{trainer.seq_length} is not divisible by 2*cp={2 * par.cp}")

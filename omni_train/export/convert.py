@@ -47,36 +47,17 @@ from omni_train.export.dist_io import (
 )
 from omni_train.export.from_run import NO_TALKER_NOTE, read_run, write_hf_files
 from omni_train.export.hf_io import HFReader, ShardedWriter
+from omni_train.models.thinker.hf_sources import SOURCES, TEXT_ONLY, read_hf_config  # noqa: F401 (re-exported)
 from omni_train.models.thinker.lm import build_thinker_lm
 from omni_train.models.thinker.bridge import (
-    expand_table, hf_shapes, model_config_from_hf, rename_hf, tp_slice, to_hf, to_megatron,
+    TIED_OUTPUT, expand_table, hf_shapes, model_config_from_hf, rename_hf, tp_slice, to_hf, to_megatron,
 )
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 CARRIED = "carried."
 TRAINING_STATE = ("optimizer.",)  # what a training checkpoint holds besides the model: not exported
 
-# Source layouts: the architecture string config.json must name, and where its text config is.
-SOURCES = {
-    "qwen3_omni_moe": ("Qwen3OmniMoeForConditionalGeneration", lambda c: c["thinker_config"]["text_config"]),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", lambda c: c),
-}
-
-
-def read_hf_config(root: Path, source: str) -> Tuple[dict, dict]:
-    """(config.json, its text config); raises if config.json names another architecture."""
-    config = json.loads((Path(root) / "config.json").read_text())
-    architecture, text_of = SOURCES[source]
-    found = config.get("architectures") or []
-    if found != [architecture]:
-        raise ValueError(f"unsupported architecture: config.json field 'architectures' is {found}, "
-                         f"expected [{architecture!r}]")
-    try:
-        return config, text_of(config)
-    except KeyError as missing:
-        raise ValueError(f"config.json has no {missing} (needed for the text config)") from None
-
-
+# Source layouts (the architecture config.json names, its text config): models/thinker/hf_sources.py
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -146,6 +127,8 @@ def fill_lm(model, splits, reader: HFReader, cfg, source: str) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             unsharded = global_name(name, model, experts_per_rank)
+            if cfg.tie_word_embeddings and unsharded == TIED_OUTPUT[0]:  # last stage's copy (pp > 1)
+                unsharded = TIED_OUTPUT[1]
             if unsharded not in table:
                 raise ValueError(f"megatron parameter {unsharded!r} has no row in the bridge table")
             row, hf_names = table[unsharded]
@@ -175,8 +158,8 @@ def import_hf(hf_dir: Path, out: Path, parallel_cfg: ParallelConfig, source: str
     audio = audio_output.plan_audio_output(config, reader, parallel_cfg) if source == "qwen3_omni_moe" \
         else audio_output.AudioOutput()
     carried = [n for n in reader.names() if n not in lm_names and n not in audio.names]
-    if source == "qwen3_moe" and carried:
-        raise ValueError(f"tensor {carried[0]!r} is not part of the Qwen3-MoE LM ({len(carried)} unexpected)")
+    if source in TEXT_ONLY and carried:
+        raise ValueError(f"tensor {carried[0]!r} is not part of the {SOURCES[source][0]} LM ({len(carried)} unexpected)")
     if audio.carried_reason and _rank() == 0:
         print(f"omni-convert import: talker and code2wav carried unchanged (no Talker to train in this "
               f"checkpoint): {audio.carried_reason}", file=sys.stderr, flush=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,8 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from omni_train.config.schema import ParallelConfig
 from omni_train.export import verify_talker
-from omni_train.export.convert import SOURCES, check_hf_lm, fill_lm, read_hf_config
+from omni_train.export.convert import SOURCES, TEXT_ONLY, check_hf_lm, fill_lm, read_hf_config
+from omni_train.models.thinker.hf_sources import detect_source  # noqa: F401 (re-exported)
 from omni_train.export.hf_io import HFReader
 from omni_train.export.talker import AudioOutput, plan_audio_output
 from omni_train.models.thinker.bridge import model_config_from_hf
@@ -73,16 +73,6 @@ class Case:
     positions: torch.Tensor
     rope: dict = field(default_factory=dict)
     media: dict = field(default_factory=dict)
-
-
-def detect_source(hf_dir: Path) -> str:
-    """The source layout (a key of convert.SOURCES) that config.json's ``architectures`` names."""
-    found = json.loads((Path(hf_dir) / "config.json").read_text()).get("architectures") or []
-    for source, (architecture, _) in SOURCES.items():
-        if found == [architecture]:
-            return source
-    expected = " or ".join(repr([architecture]) for architecture, _ in SOURCES.values())
-    raise ValueError(f"unsupported architecture: config.json field 'architectures' is {found}, expected {expected}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,7 +243,7 @@ def reference_outputs(hf_dir: Path, source: str, cases: List[Case], probe: Optio
 
     # eager experts: one matmul per expert, the plain definition (grouped_mm also wants 16-byte strides)
     load = dict(dtype=torch.float32, local_files_only=True, experts_implementation="eager")
-    if source == "qwen3_moe":
+    if source in TEXT_ONLY:
         full = None
         model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", **load)
     else:
@@ -265,7 +255,7 @@ def reference_outputs(hf_dir: Path, source: str, cases: List[Case], probe: Optio
     with torch.no_grad():
         for case in cases:
             ones = torch.ones_like(case.input_ids)
-            if source == "qwen3_moe":
+            if source in TEXT_ONLY:
                 positions = case.positions[0].long()
             else:
                 positions, _ = model.model.get_rope_index(case.input_ids, attention_mask=ones, **case.rope)
@@ -306,13 +296,14 @@ def _filled_lm(reader: HFReader, cfg, source: str, layout: ParallelConfig):
 
 def import_in_memory(hf_dir: Path, source: str, layout: ParallelConfig, with_towers: bool):
     """Our model for this rank, filled from the HF directory as `omni-convert import` fills it, in fp32:
-    the OmniThinker (towers + LM) or, for a Qwen3-MoE directory or ``with_towers=False``, the LM."""
+    the OmniThinker (towers + LM) or, for a text-only directory (Qwen3-MoE, dense Qwen3) or
+    ``with_towers=False``, the LM."""
     config, text = read_hf_config(hf_dir, source)
     cfg = model_config_from_hf(text)
     reader = HFReader(hf_dir)
     check_hf_lm(reader, cfg, source)
     lm = _filled_lm(reader, cfg, source, layout)
-    if not with_towers:
+    if not with_towers or source in TEXT_ONLY:
         return lm.eval()
     thinker = Qwen3OmniMoeThinkerConfig(**config["thinker_config"])
     audio = _tower(Qwen3OmniMoeAudioEncoder, thinker.audio_config, reader, "thinker.audio_tower.")

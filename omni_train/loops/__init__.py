@@ -1,8 +1,8 @@
 """Loops that drive a stage's Session (omni_train/session.py), chosen by ``stage.loop``.
 
 - ``supervised`` (loops/supervised.py): batches from data; pretraining, SFT, off-policy distillation, DPO.
-- a rollout loop (generate -> score -> advantages -> updates, for on-policy distillation and GSPO) is
-  registered here as ``rollout`` by the issue that builds it, over the same Session.
+- ``rollout`` (loops/rollout.py): batches sampled from the policy itself each step (sync -> generate ->
+  score -> update), for on-policy distillation and GSPO, over the same Session.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from omni_train.config import ConfigError, TrainConfig
 
 LOOPS = {
     "supervised": "omni_train.loops.supervised",
+    "rollout": "omni_train.loops.rollout",
 }
 
 
@@ -41,6 +42,46 @@ def check_stage(cfg) -> None:
         kind, _, rest = spec.source.partition(":")
         if spec.source != "init" and rest == "" and kind in ("stage", "hf"):
             raise ConfigError(f"{key}.source", f"{spec.source!r} names no {kind}")
+    check_rollout(cfg)
+
+
+# stages whose batches the rollout loop samples from the policy (and that only it can drive)
+ROLLOUT_STAGES = ("distill_onpolicy",)
+
+
+def check_rollout(cfg) -> None:
+    """A stage driven by the rollout loop: its sampling, batch and teacher settings (ConfigError naming
+    the key), before anything is built."""
+    from omni_train.config.rollout import BACKENDS
+    from omni_train.rollout import check_sampling
+    from omni_train.rollout.teacher import check_teacher
+
+    stage, rollout = cfg.stage, cfg.stage.rollout
+    code = stage.base or stage.name
+    if (stage.loop == "rollout") != (code in ROLLOUT_STAGES):
+        raise ConfigError("stage.loop", f"stage {code!r} runs under loop "
+                                        f"{'rollout' if code in ROLLOUT_STAGES else 'supervised'}, not {stage.loop!r}")
+    if stage.loop != "rollout":
+        return
+    if rollout.backend not in BACKENDS:
+        raise ConfigError("stage.rollout.backend", f"{rollout.backend!r}, expected one of {', '.join(BACKENDS)}")
+    if rollout.backend == "megatron":
+        raise ConfigError("stage.rollout.backend", "megatron-core's inference engine backend is not built yet "
+                                                   "(docs/posttraining.md); use backend=hf")
+    for key in ("prompts_per_step", "micro_batch_sequences", "max_prompt_tokens"):
+        if getattr(rollout, key) < 1:
+            raise ConfigError(f"stage.rollout.{key}", f"{getattr(rollout, key)}, must be >= 1")
+    if rollout.generation_batch < 0:
+        raise ConfigError("stage.rollout.generation_batch", f"{rollout.generation_batch} < 0 (0: all at once)")
+    try:
+        check_sampling(rollout.sampling)
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message) from None
+    if cfg.data.name != "shards":
+        raise ConfigError("data.name", f"{code} reads its prompts from shards (data=shards), not {cfg.data.name!r}")
+    if code == "distill_onpolicy":
+        check_teacher(cfg)
 
 
 def run_stage(cfg: TrainConfig, env) -> None:

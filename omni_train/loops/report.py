@@ -4,7 +4,8 @@ global batch and logged as sum / count, without the loop knowing what they are.
 A stage's ``loss_func`` returns megatron's (loss_sum, num_tokens, report) with ``report`` a dict
 ``{name: tensor [2] (sum, count)}``: ``loss`` (the optimised loss per target token), ``loss_audio``,
 later ``kl_teacher``, ``reward``, ``dpo_margin`` ... Each is logged as ``name = sum / count`` (omitted when
-its count over the global batch is 0) with ``name_count`` beside it for every name but ``loss``.
+its count over the global batch is 0) with ``name_count`` beside it for every name but ``loss``. A name
+ending in ``_max`` is a maximum instead: its pair is (value, 1), reduced with max and logged as the value.
 """
 
 from __future__ import annotations
@@ -42,12 +43,21 @@ class LossReport:
             self.names = self._agree({name for report in reports for name in report})
         index = {name: i for i, name in enumerate(self.names)}
         total = torch.zeros(len(self.names), 2, dtype=torch.float64, device=device)
+        is_max = torch.tensor([name.endswith("_max") for name in self.names], device=device)
         for report in reports:
             for name, pair in report.items():
                 if name not in index:
                     raise ValueError(f"loss report: {name!r} first appeared after step 1 (reported so far: "
                                      f"{', '.join(self.names)}); a stage reports the same names every step")
-                total[index[name]] += pair.to(device, torch.float64)
+                pair = pair.to(device, torch.float64)
+                i = index[name]
+                total[i] = torch.maximum(total[i], pair) if name.endswith("_max") else total[i] + pair
+        if any(name.endswith("_max") for name in self.names):  # decided on the host: no device sync
+            peaks = torch.where(is_max[:, None], total, torch.zeros_like(total))
+            dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+            total = torch.where(is_max[:, None], torch.zeros_like(total), total)
+            dist.all_reduce(total)
+            return torch.where(is_max[:, None], peaks, total)
         dist.all_reduce(total)
         return total
 
@@ -58,6 +68,9 @@ class LossReport:
             total, count = flat[2 * i], flat[2 * i + 1]
             if name == "loss":
                 values["loss"] = total / max(count, 1.0)
+            elif name.endswith("_max"):
+                if count > 0:
+                    values[name] = total
             elif count > 0:
                 values[name] = total / count
                 values[f"{name}_count"] = count

@@ -82,7 +82,7 @@ class SupervisedLoop:
         forward queues up behind the update."""
         self._connect_schedule()
         session, trainer = self.session, self.cfg.trainer
-        micro = [self._prepare(batch) for batch in session.data.next_microbatches()]
+        micro = [self._prepare(batch) for batch in self.next_microbatches()]
         batches = iter(micro)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -121,9 +121,22 @@ class SupervisedLoop:
             "grad_norm": float("nan") if skip else norm_value,
         }
         self.state.step += 1
-        self.state.consumed_samples += trainer.global_batch_size
-        session.throughput.add(trainer.global_batch_size * trainer.seq_length)
+        self.state.consumed_samples += self.samples_per_step()
+        session.throughput.add(self.tokens_per_step(micro))
         return values
+
+    # ---- what a loop that makes its own batches replaces (loops/rollout.py) ----------------------------
+
+    def next_microbatches(self):
+        """This rank's micro-batches of one optimizer step."""
+        return self.session.data.next_microbatches()
+
+    def samples_per_step(self) -> int:
+        return self.cfg.trainer.global_batch_size
+
+    def tokens_per_step(self, micro) -> int:
+        """Tokens of the global batch (what throughput counts)."""
+        return self.cfg.trainer.global_batch_size * self.cfg.trainer.seq_length
 
     def _log(self, values: Dict[str, float]) -> None:
         session = self.session

@@ -26,7 +26,8 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _tp_group():
+def tp_group():
+    """The tensor-parallel process group, or None at one rank (or before megatron's parallel_state is set up)."""
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -68,7 +69,7 @@ def top_k_kl(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Te
              group: Optional[object] = "auto") -> torch.Tensor:
     """Per-position KL(teacher || student) over the teacher's top-k + tail (module docstring), 0 where
     ``top_mask`` is False. logits [B, L, V_local], top_ids / top_logprobs [B, L, K], top_mask [B, L]."""
-    group = _tp_group() if group == "auto" else group
+    group = tp_group() if group == "auto" else group
     student = student_log_probs(logits, top_ids, group)
     teacher = _at_least_fp32(top_logprobs)
     tail_teacher = _tail_log(teacher)
@@ -79,7 +80,7 @@ def top_k_kl(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Te
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy [B, L] of ``labels`` under logits [B, L, V_local] (vocab-parallel)."""
-    if _tp_group() is None:
+    if tp_group() is None:
         from omni_train.models.common.cross_entropy import cross_entropy
 
         return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).view(labels.shape)

@@ -7,6 +7,9 @@ layout takes; the estimate is checked against ``dry_run_gpu_memory_gb`` (omni_tr
 With ``model.talker`` set the run described trains the Talker beside the frozen Thinker that conditions
 it: the Thinker's lines are followed by the Talker's counts (total, active per token, by part; its meta
 build), its per-rank share, and the memory estimate is the Talker run's (planning/talker_memory.py).
+
+A stage's frozen models (a teacher, a reference) and, for stage.loop=rollout, its rollout engine get one
+line each and their own terms in the estimate (planning/frozen_memory.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from omni_train.config import ThinkerConfig, ParallelConfig, TalkerConfig, TrainConfig
+from omni_train.planning.frozen_memory import plan_side_models
 from omni_train.planning.memory_estimate import estimate_memory, format_estimate
 from omni_train.planning.param_inventory import (
     count_talker_parameters,
@@ -165,16 +169,21 @@ def print_dry_run(cfg: TrainConfig, world_size: int, build: bool = True) -> bool
     talker = cfg.model.talker
     flavor = cfg.model.flavor if talker is None else f"{cfg.model.flavor} (Thinker)"
     print(format_dry_run(cfg.model.thinker, cfg.parallel, built, towers, flavor), flush=True)
+    side = plan_side_models(cfg, world_size)
+    if side.lines:
+        print("\n".join(side.lines), flush=True)
     if talker is not None:
         print(format_talker(talker, cfg.parallel, build_talker_on_meta(talker) if build else None), flush=True)
         print("training the Talker, the Thinker frozen beside it (parameters only):", flush=True)
         estimates = estimate_talker_memory(talker, cfg.model.thinker, cfg.parallel, cfg.trainer, cfg.stage,
                                            world_size, master_weights=cfg.optim.master_weights)
+        for estimate in estimates:
+            estimate.items += side.items(estimate.pipeline_stage)
     else:
         estimates = estimate_memory(cfg.model.thinker, cfg.parallel, cfg.trainer, cfg.stage, world_size,
                                     # packed documents need an [S, S] mask only under context parallelism
                                     # (else varlen flash attention over their boundaries, on the GPU in bf16)
                                     document_mask=cfg.data.name == "shards" and cfg.parallel.cp > 1,
-                                    master_weights=cfg.optim.master_weights)
+                                    master_weights=cfg.optim.master_weights, extra_items=side.items)
     print(format_estimate(estimates, cfg.dry_run_gpu_memory_gb), flush=True)
     return max(e.total for e in estimates) <= cfg.dry_run_gpu_memory_gb * 1e9

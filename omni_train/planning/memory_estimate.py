@@ -21,6 +21,7 @@ min(pp - s, micro-batches per step) micro-batches in flight), what autograd keep
                  + (a+g)d (rotated q, k) + 2ad (attention output, projection input)  = 2h/s + (5a+3g)d/tp
       router     2h/s (norm input and output) + E in fp32 (softmax of the load-balancing loss)
       experts    k*h (dispatched tokens) + 5kF/tp (fc1 output 2kF, SiLU, gated product, fc2 input) + k fp32
+      (a dense LM, num_experts = 0: 2h/s + 5F/tp for its norm and SwiGLU MLP of width F, no router)
     with trainer.recompute=full only the layer input (h/s) is kept and one layer at a time is recomputed;
   * with packed documents under context parallelism the [b, 1, S, S] document mask (bool) and, per layer,
     the additive mask SDPA converts it to (parameter dtype; kept for the backward); without context
@@ -43,7 +44,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from omni_train.config.schema import (
     AudioTowerConfig,
@@ -139,6 +140,8 @@ def lm_layer_activation_bytes(model: ThinkerConfig, parallel: ParallelConfig, to
     attention = act * tokens * (2 * h // s + (5 * a + 3 * g) * d // tp)
     if parallel.cp > 1:  # K and V gathered over the whole sequence, kept by SDPA
         attention += act * tokens * parallel.cp * 2 * g * d // tp
+    if e == 0:  # dense: norm input and output, then the SwiGLU MLP's 5F as one expert's
+        return attention + act * tokens * (2 * h // s + 5 * model.ffn_hidden_size // tp)
     router = act * tokens * 2 * h // s + FP32 * tokens * e // s
     experts = act * tokens * (k * h + 5 * k * f // tp) + FP32 * tokens * k
     return attention + router + experts
@@ -283,10 +286,12 @@ def _activation_items(model: ThinkerConfig, parallel: ParallelConfig, trainer: T
 
 def estimate_memory(model: ThinkerConfig, parallel: ParallelConfig, trainer: TrainerConfig,
                     stage: StageConfig, world_size: int, document_mask: bool,
-                    master_weights: bool = True) -> List[MemoryEstimate]:
+                    master_weights: bool = True,
+                    extra_items: Optional[Callable[[int], List[MemoryItem]]] = None) -> List[MemoryEstimate]:
     """One estimate per phase of the stage (one if it has none), each on its most loaded pipeline stage.
     ``document_mask``: the batches carry packed-document masks (data=shards). ``master_weights``:
-    optim.master_weights (false: bf16 grads and Adam moments, no fp32 main params)."""
+    optim.master_weights (false: bf16 grads and Adam moments, no fp32 main params). ``extra_items(pp
+    stage)``: what else that stage's ranks hold (frozen models, a rollout engine: frozen_memory.py)."""
     layout = Layout(world_size, parallel.tp, parallel.pp, parallel.ep, parallel.cp)
     if world_size < 1 or world_size % (parallel.tp * parallel.pp * parallel.cp) or world_size % (
             parallel.tp * parallel.pp * parallel.ep):
@@ -322,6 +327,8 @@ def estimate_memory(model: ThinkerConfig, parallel: ParallelConfig, trainer: Tra
                 trains_vision=any(trains(p.name) for p in params if p.name.startswith("visual.")),
                 loss_from_logits=(stage.base or stage.name) == "distill_offpolicy",
             )
+            if extra_items is not None:
+                estimate.items += extra_items(pp_stage)
             if worst is None or estimate.total > worst.total:
                 worst = estimate
         estimates.append(worst)
@@ -343,6 +350,10 @@ def format_estimate(estimates: List[MemoryEstimate], gpu_memory_gb: float) -> st
     if len(estimates) > 1:
         lines.append("  per phase: " + ", ".join(f"{e.phase} {e.total / GB:.2f} GB" for e in estimates))
     lines += [f"  note: {note}" for note in peak.notes]
-    verdict = "fits" if peak.total <= gpu_memory_gb * GB else "DOES NOT FIT"
-    lines.append(f"  {verdict}: {peak.total / GB:.2f} GB of {gpu_memory_gb:g} GB per GPU")
+    if peak.total <= gpu_memory_gb * GB:
+        lines.append(f"  fits: {peak.total / GB:.2f} GB of {gpu_memory_gb:g} GB per GPU")
+    else:
+        largest = sorted(peak.items, key=lambda item: -item.bytes)[:3]
+        lines.append(f"  DOES NOT FIT: {peak.total / GB:.2f} GB of {gpu_memory_gb:g} GB per GPU; largest terms: "
+                     + ", ".join(f"{item.label} {item.bytes / GB:.2f} GB" for item in largest))
     return "\n".join(lines)

@@ -20,6 +20,7 @@ STAGES = {
     "text_pretrain": "omni_train.stages.text_pretrain",
     "multimodal_pretrain": "omni_train.stages.multimodal_pretrain",
     "distill_offpolicy": "omni_train.stages.distill_offpolicy",
+    "distill_onpolicy": "omni_train.stages.distill_onpolicy",
 }
 
 

@@ -129,3 +129,18 @@ def test_cli_dry_run_builds_on_meta_without_data(reference, tmp_path):
     assert _printed_counts(out) == (reference["total"], reference["active"])
     assert "memory per rank (estimate) on 64 GPUs" in out and "fits:" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_onpolicy_recipe_counts_the_teacher_and_the_rollout_engine(capsys):
+    """On-policy distillation of text prompts with a Qwen3-32B-sized dense teacher (its sizes from a flavor:
+    the weights are not here): the dry run counts both models and the hf rollout engine's policy copy and
+    KV cache, and the rank fits an H200 (not an H100: the policy copy alone is 61 GB)."""
+    cfg = OmegaConf.to_object(_compose("distill_onpolicy"))
+    assert cfg.stage.loop == "rollout" and cfg.stage.loss.text_prompts_only and not cfg.model.thinker.towers
+    assert print_dry_run(cfg, 64)
+    out = capsys.readouterr().out
+    assert "frozen model 'teacher'" in out and "32,762,123,264 parameters" in out
+    for term in ("teacher parameters", "rollout policy copy", "rollout KV cache", "teacher logits"):
+        assert re.search(rf"{term}\s+[\d.]+ GB", out), term
+    total = float(re.search(r"total\s+([\d.]+) GB", out).group(1))
+    assert 80 < total <= 141, total

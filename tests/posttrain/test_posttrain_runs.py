@@ -30,11 +30,8 @@ def held_out_nll(cfg, model, micro_batches=3):
 
 
 def test_offpolicy_distillation_lowers_nll_of_held_out_teacher_responses(megatron_world1, posttrain_root,
-                                                                         tmp_path):
-    run_dir = tmp_path / "distill"
-    overrides = ["recipe=tiny/distill_offpolicy", "init_from=null", f"run_dir={run_dir}", "trainer.max_steps=10",
-                 "checkpoint.save_every=10", *_data(posttrain_root, "distill")]
-    omni_train(overrides)
+                                                                         offpolicy_run):
+    run_dir, overrides = offpolicy_run
     records = metrics(run_dir)
     assert records[10]["loss"] < records[1]["loss"]
     assert records[10]["data_skipped"] == 0  # teacher-small's cut responses are filtered out, not skipped

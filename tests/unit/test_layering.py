@@ -16,7 +16,7 @@ LAYERS = [
     ("omni_train.models",),
     ("omni_train.data", "omni_train.losses"),
     ("omni_train.checkpoint", "omni_train.planning"),
-    ("omni_train.stages", "omni_train.export", "omni_train.frozen"),
+    ("omni_train.stages", "omni_train.export", "omni_train.frozen", "omni_train.rollout"),
     ("omni_train.session", "omni_train.loops"),
     ("omni_train.train", "omni_train.pipeline", "omni_train.launch", "omni_train.__init__"),
 ]

@@ -7,7 +7,10 @@ tensor into a tensor-parallel rank's piece; layer (pp) and expert (ep) offsets a
 
 Each row is (megatron template, HF templates, transform, HF shapes); ``{layer}`` and ``{expert}`` are
 filled in. HF shapes are written in the size names of ``_sizes`` so that import can name a mis-shaped
-tensor before touching it. ``HF_PREFIXES`` renames the Qwen3-Omni names for a plain Qwen3-MoE LM.
+tensor before touching it. ``HF_PREFIXES`` renames the Qwen3-Omni names for a plain Qwen3-MoE LM or a
+dense Qwen3 LM (Qwen3ForCausalLM). A row applies to MoE layers, dense layers, untied output layers or
+always (``Row.applies``); tied embeddings have no ``lm_head`` tensor on disk (the output layer reads the
+embedding: megatron's shared weight at pp = 1, a copy filled from ``embed_tokens`` on the last stage).
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ class Row:
     hf: Tuple[str, ...]
     kind: str  # "copy" | "qkv" | "gated_mlp"
     shapes: Tuple[Tuple[str, ...], ...]  # one per HF tensor, in size names (see _sizes)
+    applies: str = "always"  # "always" | "moe" | "dense" | "untied" (a separate lm_head)
 
 
 _H, _V, _D, _F, _E_ = ("hidden",), ("vocab",), ("head_dim",), ("ffn",), ("experts",)
+_DENSE_F = ("dense_ffn",)
 
 
 TABLE: List[Row] = [
     Row("embedding.word_embeddings.weight", ("thinker.model.embed_tokens.weight",), "copy", (_V + _H,)),
     Row("decoder.final_layernorm.weight", ("thinker.model.norm.weight",), "copy", (_H,)),
-    Row("output_layer.weight", ("thinker.lm_head.weight",), "copy", (_V + _H,)),
+    Row("output_layer.weight", ("thinker.lm_head.weight",), "copy", (_V + _H,), applies="untied"),
     Row(f"{_M}.input_layernorm.weight", (f"{_L}.input_layernorm.weight",), "copy", (_H,)),
     Row(
         f"{_M}.self_attention.linear_qkv.weight",
@@ -51,22 +56,35 @@ TABLE: List[Row] = [
     Row(f"{_M}.self_attention.linear_proj.weight", (f"{_L}.self_attn.o_proj.weight",), "copy",
         (_H + ("q_rows",),)),
     Row(f"{_M}.pre_mlp_layernorm.weight", (f"{_L}.post_attention_layernorm.weight",), "copy", (_H,)),
-    Row(f"{_M}.mlp.router.weight", (f"{_L}.mlp.gate.weight",), "copy", (_E_ + _H,)),
+    Row(f"{_M}.mlp.router.weight", (f"{_L}.mlp.gate.weight",), "copy", (_E_ + _H,), applies="moe"),
     Row(
         f"{_M}.{_E}.linear_fc1.weight",
         (f"{_L}.mlp.experts.{{expert}}.gate_proj.weight", f"{_L}.mlp.experts.{{expert}}.up_proj.weight"),
         "gated_mlp",
         (_F + _H, _F + _H),
+        applies="moe",
     ),
     Row(f"{_M}.{_E}.linear_fc2.weight", (f"{_L}.mlp.experts.{{expert}}.down_proj.weight",), "copy",
-        (_H + _F,)),
+        (_H + _F,), applies="moe"),
+    # a dense layer's MLP: fc1 = [gate; up] like an expert's, split per half over tp
+    Row(f"{_M}.mlp.linear_fc1.weight", (f"{_L}.mlp.gate_proj.weight", f"{_L}.mlp.up_proj.weight"), "gated_mlp",
+        (_DENSE_F + _H, _DENSE_F + _H), applies="dense"),
+    Row(f"{_M}.mlp.linear_fc2.weight", (f"{_L}.mlp.down_proj.weight",), "copy", (_H + _DENSE_F,),
+        applies="dense"),
 ]
+TIED_OUTPUT = ("output_layer.weight", "embedding.word_embeddings.weight")  # (tied name, what it reads)
 
 # HF name prefixes per source layout: the table is written in the Qwen3-Omni names.
 HF_PREFIXES: Dict[str, Dict[str, str]] = {
     "qwen3_omni_moe": {},
     "qwen3_moe": {"thinker.model.": "model.", "thinker.lm_head.": "lm_head."},
+    "qwen3": {"thinker.model.": "model.", "thinker.lm_head.": "lm_head."},
 }
+
+
+def _applies(row: Row, cfg: ThinkerConfig) -> bool:
+    dense = cfg.num_experts == 0
+    return {"always": True, "moe": not dense, "dense": dense, "untied": not cfg.tie_word_embeddings}[row.applies]
 
 
 def _merge_qkv(q, k, v, cfg: ThinkerConfig) -> torch.Tensor:
@@ -105,7 +123,9 @@ def _to_hf(row: Row, tensor: torch.Tensor, cfg: ThinkerConfig):
 
 
 def _expand(row: Row, cfg: ThinkerConfig):
-    """Every concrete (megatron name, HF names) pair one table row stands for."""
+    """Every concrete (megatron name, HF names) pair one table row stands for (none if it does not apply)."""
+    if not _applies(row, cfg):
+        return
     if "{layer}" not in row.megatron:
         yield row.megatron, row.hf
         return
@@ -142,7 +162,7 @@ def megatron_to_hf(mg_state: Dict[str, torch.Tensor], cfg: ThinkerConfig) -> Dic
 def _sizes(cfg: ThinkerConfig) -> Dict[str, int]:
     return dict(
         hidden=cfg.hidden_size, vocab=cfg.vocab_size, head_dim=cfg.head_dim, ffn=cfg.moe_ffn_hidden_size,
-        experts=cfg.num_experts, q_rows=cfg.num_attention_heads * cfg.head_dim,
+        dense_ffn=cfg.ffn_hidden_size, experts=cfg.num_experts, q_rows=cfg.num_attention_heads * cfg.head_dim,
         kv_rows=cfg.num_query_groups * cfg.head_dim,
     )
 
@@ -189,6 +209,18 @@ def tp_slice(row: Row, full: torch.Tensor, partition_dim: int, tp_rank: int, tp_
     return full.chunk(tp_size, dim=partition_dim)[tp_rank]
 
 
+def tp_unslice(row: Row, pieces: List[torch.Tensor], partition_dim: int) -> torch.Tensor:
+    """The unsharded megatron tensor from every tensor-parallel rank's piece (in rank order): the inverse
+    of ``tp_slice``."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if row.kind == "gated_mlp":
+        halves = [p.chunk(2, dim=partition_dim) for p in pieces]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=partition_dim),
+                          torch.cat([h[1] for h in halves], dim=partition_dim)], dim=partition_dim)
+    return torch.cat(pieces, dim=partition_dim)
+
+
 _DEFAULT_MROPE = {128: [24, 20, 20]}
 
 
@@ -202,6 +234,24 @@ def _rope(text_config: dict) -> Tuple[float, List[int] | None]:
         raise ValueError(f"text_config.rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
     section = params.get("mrope_section", scaling.get("mrope_section"))
     return float(theta), (list(section) if section is not None else None)
+
+
+def is_dense_config(text_config: dict) -> bool:
+    """A dense Qwen3 LM's config.json (Qwen3ForCausalLM, ``model_type: qwen3``): no routed experts."""
+    return text_config.get("model_type") == "qwen3"
+
+
+def _check_dense(text_config: dict) -> None:
+    need = {"attention_bias": False, "hidden_act": "silu", "use_sliding_window": False}
+    for field, value in need.items():
+        if field in text_config and text_config[field] != value:
+            raise ValueError(f"text_config.{field}={text_config[field]!r} is not supported (need {value!r})")
+    other = sorted({t for t in text_config.get("layer_types") or [] if t != "full_attention"})
+    if other:
+        raise ValueError(f"text_config.layer_types holds {other}: not supported (every layer full attention)")
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if field not in text_config:
+            raise ValueError(f"text_config.{field} is missing")
 
 
 def _check_supported(text_config: dict) -> None:
@@ -218,15 +268,20 @@ def _check_supported(text_config: dict) -> None:
 
 
 def model_config_from_hf(text_config: dict) -> ThinkerConfig:
-    """Thinker LM sizes from an HF text config (the Qwen3-Omni thinker's, or a Qwen3-MoE config.json).
+    """Thinker LM sizes from an HF text config (the Qwen3-Omni thinker's, a Qwen3-MoE config.json or a dense
+    Qwen3 config.json: ``num_experts: 0`` and ``ffn_hidden_size``, plain RoPE as for Qwen3-MoE).
 
     Fields the Thinker LM cannot represent raise ValueError naming the field.
     """
-    _check_supported(text_config)
+    if is_dense_config(text_config):
+        _check_dense(text_config)
+        text_config = dict(text_config, num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0)
+    else:
+        _check_supported(text_config)
     if "num_experts" not in text_config and "num_local_experts" in text_config:
         # transformers 5 writes Qwen3-MoE's expert count under this name; released config.json files do not
         text_config = dict(text_config, num_experts=text_config["num_local_experts"])
-    if text_config.get("num_experts_per_tok") == 1:
+    if text_config.get("num_experts_per_tok") == 1 and text_config["num_experts"]:
         raise ValueError("text_config.num_experts_per_tok=1 is not supported: megatron-core's softmax router "
                          "needs top-k >= 2 for Qwen3's routing (softmax over all experts, then top-k)")
     for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -250,6 +305,8 @@ def model_config_from_hf(text_config: dict) -> ThinkerConfig:
         num_experts=text_config["num_experts"],
         router_topk=text_config["num_experts_per_tok"],
         moe_ffn_hidden_size=text_config["moe_intermediate_size"],
+        ffn_hidden_size=text_config["intermediate_size"] if text_config["num_experts"] == 0 else 0,
+        tie_word_embeddings=bool(text_config.get("tie_word_embeddings", False)),
         rope_theta=theta,
         mrope_section=section,
         rms_norm_eps=text_config.get("rms_norm_eps", 1e-6),
@@ -262,6 +319,9 @@ def model_config_from_hf(text_config: dict) -> ThinkerConfig:
 def hf_text_config(cfg: ThinkerConfig) -> dict:
     """The HF Qwen3-Omni thinker ``text_config`` (as a dict) of these sizes: the inverse of
     ``model_config_from_hf``. Only the aux-loss router (Qwen3's softmax top-k) has an HF equivalent."""
+    if cfg.num_experts == 0 or cfg.tie_word_embeddings:
+        raise ValueError("model.thinker: a dense LM (num_experts=0) or tied embeddings have no Qwen3-Omni "
+                         "thinker equivalent; need num_experts > 0 and tie_word_embeddings=false")
     if cfg.load_balancing != "aux_loss":
         raise ValueError(f"model.thinker.load_balancing={cfg.load_balancing!r} has no Hugging Face equivalent "
                          "(its sigmoid expert-bias router is not Qwen3's softmax top-k); need 'aux_loss'")

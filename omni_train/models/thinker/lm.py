@@ -1,4 +1,5 @@
-"""Provider for the Thinker's MoE language model on megatron-core's GPTModel.
+"""Provider for the Thinker's MoE language model on megatron-core's GPTModel (or, with
+``num_experts: 0``, a dense Qwen3 LM: a SwiGLU MLP of ``ffn_hidden_size`` in every layer, e.g. a teacher).
 
 sizes (ThinkerConfig) + layout (ParallelConfig) -> TransformerConfig -> local layer spec -> GPTModel.
 No Transformer Engine: routed experts are omni_train.models.common.grouped_experts.GroupedExperts (torch's
@@ -94,6 +95,31 @@ def _fusions_off() -> dict:
     )
 
 
+def is_dense(model_cfg: ThinkerConfig) -> bool:
+    """A dense LM (no routed experts): every layer has one SwiGLU MLP of ``ffn_hidden_size``."""
+    return model_cfg.num_experts == 0
+
+
+def _mlp_settings(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig) -> dict:
+    """The MoE fields of TransformerConfig, or a dense MLP's width. A dense LM builds no expert-parallel
+    layers (megatron refuses ep > 1 without experts): under an ep > 1 layout its layers are replicated
+    over the expert-parallel ranks, as a dense layer of an MoE model is."""
+    if is_dense(model_cfg):
+        if model_cfg.ffn_hidden_size <= 0:
+            raise ValueError(f"a dense LM (num_experts=0) needs ffn_hidden_size > 0, got {model_cfg.ffn_hidden_size}")
+        return dict(ffn_hidden_size=model_cfg.ffn_hidden_size, expert_model_parallel_size=1)
+    return dict(
+        ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+        num_moe_experts=model_cfg.num_experts,
+        moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
+        moe_layer_freq=1,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type=parallel_cfg.token_dispatcher,
+        expert_model_parallel_size=parallel_cfg.ep,
+        **_router_settings(model_cfg, parallel_cfg),
+    )
+
+
 def build_transformer_config(
     model_cfg: ThinkerConfig,
     parallel_cfg: ParallelConfig,
@@ -110,7 +136,6 @@ def build_transformer_config(
         num_attention_heads=model_cfg.num_attention_heads,
         num_query_groups=model_cfg.num_query_groups,
         kv_channels=model_cfg.head_dim,
-        ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
         qk_layernorm=True,
         normalization="RMSNorm",
         layernorm_epsilon=model_cfg.rms_norm_eps,
@@ -121,16 +146,10 @@ def build_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model_cfg.init_std,
-        num_moe_experts=model_cfg.num_experts,
-        moe_ffn_hidden_size=model_cfg.moe_ffn_hidden_size,
-        moe_layer_freq=1,
-        moe_grouped_gemm=False,
-        moe_token_dispatcher_type=parallel_cfg.token_dispatcher,
-        **_router_settings(model_cfg, parallel_cfg),
+        **_mlp_settings(model_cfg, parallel_cfg),
         mrope_section=list(model_cfg.mrope_section),
         tensor_model_parallel_size=parallel_cfg.tp,
         pipeline_model_parallel_size=parallel_cfg.pp,
-        expert_model_parallel_size=parallel_cfg.ep,
         context_parallel_size=parallel_cfg.cp,
         sequence_parallel=parallel_cfg.sequence_parallel,
         pipeline_dtype=params_dtype,
@@ -164,8 +183,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float]) -> tor
 
 
 def _decoder_spec(config: TransformerConfig, experts_impl: str) -> TransformerBlockSubmodules:
-    """megatron's local (no TE) MoE layer spec with our RMSNorm everywhere, SDPA core attention
-    (context-parallel capable) and grouped-GEMM experts, for this pipeline stage."""
+    """megatron's local (no TE) MoE layer spec (a dense MLP without experts) with our RMSNorm everywhere,
+    SDPA core attention (context-parallel capable) and grouped-GEMM experts, for this pipeline stage."""
     if experts_impl not in EXPERTS_IMPLS:
         raise ValueError(f"model.thinker.experts_impl must be one of {EXPERTS_IMPLS}, got {experts_impl!r}")
     layer = get_gpt_layer_local_spec(
@@ -179,7 +198,7 @@ def _decoder_spec(config: TransformerConfig, experts_impl: str) -> TransformerBl
     layer.submodules.self_attention.submodules.q_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.k_layernorm = RMSNorm
     layer.submodules.self_attention.submodules.core_attention = SDPAttention
-    if experts_impl == "grouped":
+    if experts_impl == "grouped" and config.num_moe_experts:
         layer.submodules.mlp.submodules.experts.module = GroupedExperts
         # all experts local (ep = tp = 1): permutation without communication or host syncs
         layer.submodules.mlp.module = OmniMoELayer
@@ -197,7 +216,7 @@ def build_thinker_lm(
     post_process: bool = True,
     recompute: str = "none",
 ) -> GPTModel:
-    """The Thinker MoE LM as a megatron GPTModel with TM-RoPE, on ``device``."""
+    """The Thinker MoE (or dense) LM as a megatron GPTModel with TM-RoPE, on ``device``."""
     device = torch.device(device)
     # megatron's process-wide MoE state (aux-loss tracker and gradient scale) is not the builder's: a model
     # built beside a trained one must not reset it (parallel/process_state.py; the session resets it when
@@ -279,7 +298,7 @@ def _build_gpt_model(model_cfg: ThinkerConfig, config: TransformerConfig, pre_pr
         max_sequence_length=model_cfg.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=model_cfg.tie_word_embeddings,
         position_embedding_type="mrope",
         rotary_base=int(model_cfg.rope_theta),
     )
@@ -297,7 +316,8 @@ def _build_gpt_model(model_cfg: ThinkerConfig, config: TransformerConfig, pre_pr
 
 
 def _layer_shards(m: ThinkerConfig, tp: int, ep: int) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(name, local shape) of one decoder layer on one (tp rank, ep rank); expert TP = TP."""
+    """(name, local shape) of one decoder layer on one (tp rank, ep rank); expert TP = TP. A dense
+    layer's MLP is split over tp only."""
     h, d, e = m.hidden_size, m.head_dim, m.num_experts
     qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
     shards = [
@@ -307,8 +327,11 @@ def _layer_shards(m: ThinkerConfig, tp: int, ep: int) -> List[Tuple[str, Tuple[i
         ("self_attention.k_layernorm.weight", (d,)),
         ("self_attention.linear_proj.weight", (h, m.num_attention_heads * d // tp)),
         ("pre_mlp_layernorm.weight", (h,)),
-        ("mlp.router.weight", (e, h)),
     ]
+    if is_dense(m):
+        return shards + [("mlp.linear_fc1.weight", (2 * m.ffn_hidden_size // tp, h)),
+                         ("mlp.linear_fc2.weight", (h, m.ffn_hidden_size // tp))]
+    shards.append(("mlp.router.weight", (e, h)))
     for i in range(e // ep):
         expert = f"mlp.experts.local_experts.{i}"
         shards.append((f"{expert}.linear_fc1.weight", (2 * m.moe_ffn_hidden_size // tp, h)))
@@ -330,6 +353,7 @@ def _check_divisible(m: ThinkerConfig, p: ParallelConfig) -> None:
         "vocab_size % tp": m.vocab_size % p.tp,
         "num_experts % ep": m.num_experts % p.ep,
         "moe_ffn_hidden_size % tp": m.moe_ffn_hidden_size % p.tp,
+        "ffn_hidden_size % tp": m.ffn_hidden_size % p.tp,
     }
     bad = [name for name, rest in checks.items() if rest]
     if bad:
@@ -342,7 +366,9 @@ def describe_shards(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig) -> L
     One entry per (pipeline stage, tp rank, ep rank): ``layer`` lists (name, local shape) of one
     representative decoder layer, ``other`` the embedding / final norm / output layer held by that
     stage, and ``num_params`` counts every parameter that rank holds (non-expert parameters are
-    replicated over ep ranks, expert parameters over data-parallel ranks).
+    replicated over ep ranks, expert parameters over data-parallel ranks). With tied embeddings the last
+    stage holds the output layer only under pipeline parallelism (a copy of the embedding); at pp = 1
+    the embedding is the output layer.
     """
     m, p = model_cfg, parallel_cfg
     _check_divisible(m, p)
@@ -357,7 +383,8 @@ def describe_shards(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig) -> L
             other.append(("embedding.word_embeddings.weight", (v // p.tp, h)))
         if stage == p.pp - 1:
             other.append(("decoder.final_layernorm.weight", (h,)))
-            other.append(("output_layer.weight", (v // p.tp, h)))
+            if not (m.tie_word_embeddings and p.pp == 1):
+                other.append(("output_layer.weight", (v // p.tp, h)))
         num_params = layers_per_stage * layer_numel + sum(_numel(s) for _, s in other)
         for tp_rank in range(p.tp):
             for ep_rank in range(p.ep):
@@ -369,13 +396,15 @@ def describe_shards(model_cfg: ThinkerConfig, parallel_cfg: ParallelConfig) -> L
 
 
 def count_parameters(model_cfg: ThinkerConfig) -> Tuple[int, int]:
-    """(total, active per token) parameter counts of the unsharded LM, embeddings included."""
+    """(total, active per token) parameter counts of the unsharded LM, embeddings included (a dense LM:
+    every parameter active; tied embeddings counted once)."""
     m = model_cfg
     shards = _layer_shards(m, tp=1, ep=1)
     layer_total = sum(_numel(shape) for _, shape in shards)
     expert = 3 * m.hidden_size * m.moe_ffn_hidden_size
     layer_active = layer_total - (m.num_experts - m.router_topk) * expert
-    embeddings = 2 * m.vocab_size * m.hidden_size + m.hidden_size  # input, output, final norm
+    tables = 1 if m.tie_word_embeddings else 2  # input, output
+    embeddings = tables * m.vocab_size * m.hidden_size + m.hidden_size  # + final norm
     total = m.num_layers * layer_total + embeddings
     active = m.num_layers * layer_active + embeddings
     return total, active

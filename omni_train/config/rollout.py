@@ -1,0 +1,43 @@
+"""How a stage that learns from the model's own samples (on-policy distillation, GSPO) generates them: the
+schema of ``stage.rollout`` (omni_train/rollout/ builds the engine from it).
+
+Per optimizer step the rollout loop takes ``prompts_per_step`` prompts (over all data-parallel ranks), draws
+``sampling.n`` responses for each from the current policy, scores them and updates. Sampling is seeded by
+(trainer.seed, step, data-parallel rank): a resumed run draws the same samples as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+BACKENDS = ("hf", "megatron")
+# stage.loss.divergence of distill_onpolicy (losses/onpolicy.py)
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "sampled_token")
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 4  # responses per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling; 1: off
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 64
+    # ids that end a response besides the tokenizer's end of turn (<|im_end|>) and end of text
+    stop_ids: List[int] = field(default_factory=list)
+
+
+@dataclass
+class RolloutConfig:
+    # "hf": transformers' Thinker in this process, its weights synced from the trained model in memory
+    # (CPU and GPU, every modality); "megatron": megatron-core's inference engine over the trained model
+    # itself (GPU, text prompts)
+    backend: str = "hf"
+    prompts_per_step: int = 4  # prompts per optimizer step, over all data-parallel ranks
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # a prompt longer than this (tokens, media placeholders included) is skipped and counted
+    max_prompt_tokens: int = 1024
+    # sequences generated together per forward (per rank); 0: all of the rank's prompts x n at once
+    generation_batch: int = 0
+    # trainer forward/backward micro-batch, in sequences (prompt + response), per rank
+    micro_batch_sequences: int = 4

@@ -25,6 +25,7 @@ STAGES = {
     "long_context": ["trainer.max_steps=3", "trainer.seq_length=1024"],
     "sft": ["trainer.max_steps=3"],
     "distill_offpolicy": ["trainer.max_steps=3"],
+    "distill_onpolicy": ["trainer.max_steps=3", "stage.rollout.sampling.max_new_tokens=8"],
 }
 SHARED = ["trainer.global_batch_size=2", "trainer.micro_batch_size=1", "optim.warmup_steps=1",
           "checkpoint.save_every=2", "pipeline.synth_samples=6", "pipeline.max_new_tokens=4"]
@@ -74,12 +75,17 @@ def test_pipeline_hand_off_resume_export(tmp_path):
                "general_pretrain": "vision_align/checkpoints/step_00000004",
                "long_context": "general_pretrain/checkpoints/step_00000005",
                "sft": "long_context/checkpoints/step_00000003",
-               "distill_offpolicy": "sft/checkpoints/step_00000003"}
+               "distill_offpolicy": "sft/checkpoints/step_00000003",
+               "distill_onpolicy": "distill_offpolicy/checkpoints/step_00000003"}
     logs = first.stdout + out
     for stage, source in handoff.items():
         assert f"initialised model weights from runs/tiny_pretrain/{source}" in logs, stage
 
-    for stage in STAGES:
+    onpolicy = metrics(root / "distill_onpolicy")  # its own samples, scored by the SFT checkpoint
+    assert "frozen model 'teacher' from stage:sft" in out
+    for r in onpolicy.values():
+        assert r["kl_teacher"] > 0 and r["logprob_mismatch_max"] < 1e-4 and r["response_length"] > 0
+    for stage in [s for s in STAGES if s != "distill_onpolicy"]:
         records = metrics(root / stage)
         assert _falls(records), (stage, {s: r["loss"] for s, r in records.items()})
         for r in records.values():  # per-modality losses: a token-weighted split of the loss
@@ -98,7 +104,7 @@ def test_pipeline_hand_off_resume_export(tmp_path):
         assert last[f"data_share_{i}_{name}"] == pytest.approx(w / total, abs=0.08), name
 
     export = root / "export"
-    assert f"exported runs/tiny_pretrain/distill_offpolicy/checkpoints/step_00000003 -> {export.relative_to(tmp_path)}" \
+    assert f"exported runs/tiny_pretrain/distill_onpolicy/checkpoints/step_00000003 -> {export.relative_to(tmp_path)}" \
         in out
     assert "assistant:" in out
     config = json.loads((export / "config.json").read_text())

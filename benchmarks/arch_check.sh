@@ -8,6 +8,8 @@
 #   bash benchmarks/arch_check.sh sft       # SFT throughput on packed multimodal conversations: the trainer
 #                                          # against transformers' Thinker, same conversations (.whl/ only)
 #   bash benchmarks/arch_check.sh talker    # Talker training throughput at release width, ours vs transformers
+#   bash benchmarks/arch_check.sh rollout   # on-policy distillation: rollout engine vs transformers' generate,
+#                                          # and the real loop's step split (.whl/ only)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -47,6 +49,9 @@ case "${1:-proxy}" in
     # 8,192 tokens), then transformers on the same conversations; each part timed out on its own, all in 480 s
     python3 benchmarks/sft_throughput.py --json "$OUT/sft_throughput.json" --work-dir /tmp/sft_throughput
     mkdir -p "$OUT/sft_logs" && cp /tmp/sft_throughput/*.log "$OUT/sft_logs/"
+    ;;
+  rollout)
+    timeout 560 python3 benchmarks/rollout_throughput.py --json "$OUT/rollout_throughput.json" 2>&1 | tail -n 80
     ;;
   talker)
     python3 benchmarks/talker_throughput.py --json "$OUT/talker_throughput.json" --log-dir "$OUT/talker_logs"

@@ -125,6 +125,46 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+class DeviceTimer:
+    """Time spent in a region of a step, on the device: CUDA events around each pass (no host sync while
+    the step runs; ``seconds()`` waits for the last one), host time on a CPU. ``reset()`` between steps."""
+
+    def __init__(self):
+        self._spans: List[tuple] = []
+        self._open = None
+
+    def __enter__(self) -> "DeviceTimer":
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._open = start
+        else:
+            self._open = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if isinstance(self._open, float):
+            self._spans.append((self._open, time.perf_counter()))
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._spans.append((self._open, end))
+        self._open = None
+
+    def seconds(self) -> float:
+        total = 0.0
+        for start, end in self._spans:
+            if isinstance(start, float):
+                total += end - start
+            else:
+                end.synchronize()
+                total += start.elapsed_time(end) / 1e3
+        return total
+
+    def reset(self) -> None:
+        self._spans = []
+
+
 class Throughput:
     """Tokens/s, achieved TFLOP/s and MFU over the steps since the last report."""
 

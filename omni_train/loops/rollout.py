@@ -16,7 +16,7 @@ log-probability of each rides along (``rollout_logprobs``), with the sample each
 (``sample_ids``), so that the stage compares the trainer's recomputed log-probabilities with the
 rollout's and can form per-sequence quantities. Logged besides the stage's report: rollout tokens/s,
 response length, the share of responses cut at ``max_new_tokens``, the weight sync (ms) and the step's
-time split (sync / generate / train).
+time split (sync / generate / the stage's timed regions such as the teacher / update).
 """
 
 from __future__ import annotations
@@ -157,12 +157,18 @@ class RolloutLoop(SupervisedLoop):
         return local * parallel_state.get_data_parallel_world_size()
 
     def train_step(self) -> Dict[str, float]:
+        timers = self.session.stage.timers
+        for timer in timers.values():
+            timer.reset()
         values = super().train_step()
         total = time.perf_counter() - self._step_start
         generate = self.rollout_values["rollout_generate_s"]
         sync = self.rollout_values["rollout_sync_ms"] / 1e3
-        return {**values, **self.rollout_values, "step_time_s": total,
-                "train_time_s": max(total - generate - sync, 0.0)}
+        # the step's time split: sync, generate, the stage's timed regions (the teacher), the rest of the
+        # update (student forward, backward, optimizer step)
+        regions = {f"{name}_time_s": timer.seconds() for name, timer in timers.items()}
+        update = total - generate - sync - sum(regions.values())
+        return {**values, **self.rollout_values, **regions, "step_time_s": total, "update_time_s": max(update, 0.0)}
 
 
 def run(session: Session) -> None:

@@ -111,22 +111,29 @@ class HFRolloutEngine:
                 out.extend(self._generate_batch(rows[start:start + size], sampling))
         return out
 
-    def _generate_batch(self, rows, sampling: SamplingConfig) -> List[Sample]:
-        prompts = [prompt for prompt, _ in rows]
+    def inputs(self, prompts: Sequence[Prompt]) -> dict:
+        """transformers' ``generate`` inputs of one batch of rows: left-padded ids (every row's next token at
+        the same column), the attention mask and the rows' media on the engine's device."""
         longest = max(p.num_tokens for p in prompts)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for b, prompt in enumerate(prompts):  # left padding: every row's next token is at the same column
+        input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for b, prompt in enumerate(prompts):
             input_ids[b, longest - prompt.num_tokens:] = prompt.input_ids
             attention_mask[b, longest - prompt.num_tokens:] = 1
+        return dict(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                    **_hf_media(prompts, self.device, self.dtype))
+
+    def _generate_batch(self, rows, sampling: SamplingConfig) -> List[Sample]:
+        prompts = [prompt for prompt, _ in rows]
+        inputs = self.inputs(prompts)
+        longest = inputs["input_ids"].shape[1]
         stops = stop_ids(self.encoder, sampling)
         recorder = _TakenLogProbs(sampling.temperature)
         sample = sampling.temperature > 0
         options = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
                        top_k=sampling.top_k or None) if sample else dict(do_sample=False)
         sequences = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-            **_hf_media(prompts, self.device, self.dtype), max_new_tokens=sampling.max_new_tokens,
+            **inputs, max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=0, eos_token_id=stops, pad_token_id=self.pad_id,
             logits_processor=LogitsProcessorList([recorder, self.suppress]), use_cache=True, **options)
         logprobs = recorder.finish(sequences).cpu()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,6 +39,9 @@ class Stage:
     # (TrainConfig) -> keyword arguments the forward takes from the config (e.g. loss weights), checked
     # before anything is built; None: the forward takes none.
     options: Optional[Callable[..., Dict[str, Any]]] = None
+    # regions of the forward the stage times (metrics.DeviceTimer, e.g. a teacher's forward), logged by the
+    # loop as "<name>_time_s" per step
+    timers: Dict[str, Any] = field(default_factory=dict)
 
     def forward_options(self, cfg) -> Dict[str, Any]:
         return self.options(cfg) if self.options is not None else {}

@@ -26,12 +26,15 @@ from functools import partial
 
 import torch
 
+from omni_train.metrics import DeviceTimer
 from omni_train.losses.onpolicy import full_vocab_divergence, sampled_token_advantage, sampled_token_loss, token_logprobs
 from omni_train.models.common.attention import document_attention
 from omni_train.stages import Stage
 from omni_train.stages import multimodal_pretrain, text_pretrain
 
 from omni_train.rollout.teacher import TEACHER  # noqa: E402  (the frozen model's name)
+
+TEACHER_TIME = DeviceTimer()  # the teacher's forwards of a step (logged as teacher_time_s)
 
 
 def options(cfg):
@@ -124,10 +127,12 @@ def forward(model, batch, frozen=None, divergence="reverse_kl", beta=0.5, temper
     if not frozen or TEACHER not in frozen:
         raise KeyError(f"distill_onpolicy: no frozen model named {TEACHER!r} (stage.frozen_models)")
     logits = _logits(model, batch, with_media=True)
-    teacher_logits = _logits(frozen[TEACHER], batch, with_media=True)
+    with TEACHER_TIME:
+        teacher_logits = _logits(frozen[TEACHER], batch, with_media=True)
     return logits, partial(_loss, batch=batch, teacher_logits=teacher_logits, divergence=divergence, beta=beta,
                            temperature=temperature, chunk_tokens=chunk_tokens,
                            sampling_temperature=sampling_temperature)
 
 
-STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward, options=options)
+STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward, options=options,
+              timers={"teacher": TEACHER_TIME})

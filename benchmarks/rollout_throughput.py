@@ -45,8 +45,9 @@ def overrides(args, data_dir: Path, run_dir: Path) -> list:
          f"data.datasets=[{{path: {data_dir / 'sft'}, weight: 1.0}}]", f"data.tokenizer={data_dir / 'tokenizer'}",
          "stage.frozen_models=[{name: teacher, source: init}]",
          f"stage.rollout.prompts_per_step={args.prompts}", f"stage.rollout.sampling.n={args.n}",
-         f"stage.rollout.sampling.max_new_tokens={args.new_tokens}", "stage.rollout.max_prompt_tokens=2048",
-         f"stage.rollout.micro_batch_sequences={args.micro_sequences}", "stage.rollout.generation_batch=0",
+         f"stage.rollout.sampling.max_new_tokens={args.new_tokens}", f"stage.rollout.max_prompt_tokens={min(1024, args.seq_length - args.new_tokens)}",
+         f"trainer.seq_length={args.seq_length}", "trainer.micro_batch_size=1", "trainer.global_batch_size=1",
+         "stage.rollout.generation_batch=0",
          f"trainer.max_steps={args.steps}", "trainer.log_every=1", "checkpoint.save_at_end=false",
          "checkpoint.save_every=100000", "optim.warmup_steps=0", "optim.lr_decay=constant",
          "model.thinker.aux_loss_coeff=0"]
@@ -78,7 +79,7 @@ def engine_part(args, data_dir: Path) -> dict:
     from omni_train.stages.distill_onpolicy import build_model
 
     cfg = OmegaConf.to_object(compose(overrides(args, data_dir, Path(tempfile.mkdtemp()))))
-    device = torch.device("cpu" if args.smoke else "cuda")
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
     dtype = torch.float32 if args.smoke else torch.bfloat16
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
@@ -90,9 +91,23 @@ def engine_part(args, data_dir: Path) -> dict:
         syncs = []
         for _ in range(5):
             syncs.append(engine.sync(model).ms)
-        prompts = PromptSource(cfg.data, encoder, 2048, 0, 1).next_prompts(args.prompts)
+        prompts = PromptSource(cfg.data, encoder, 1024, 0, 1).next_prompts(args.prompts)
         sampling = SamplingConfig(n=args.n, temperature=1.0, max_new_tokens=args.new_tokens)
-        engine.generate(prompts[:2], SamplingConfig(n=1, temperature=1.0, max_new_tokens=4), seed=1)  # warm-up
+        rows = [p for p in prompts for _ in range(args.n)]
+        inputs = engine.inputs(rows)
+
+        def plain(new_tokens):
+            """transformers' generate alone on the same model and inputs."""
+            with torch.no_grad(), torch.random.fork_rng(devices=[0] if device.type == "cuda" else []):
+                torch.manual_seed(0)
+                return engine.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True, temperature=1.0,
+                                             top_p=1.0, top_k=None, eos_token_id=[encoder.ids["im_end"]],
+                                             pad_token_id=encoder.ids["pad"], use_cache=True)
+
+        # both paths warmed at the full batch (prefill, kernels, allocator) before either is timed
+        engine.generate(prompts, SamplingConfig(n=args.n, temperature=1.0, max_new_tokens=8), seed=1)
+        plain(8)
+        _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -101,16 +116,10 @@ def engine_part(args, data_dir: Path) -> dict:
         ours_s = time.perf_counter() - start
         ours_tokens = sum(len(s.token_ids) for s in samples)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        rows = [p for p in prompts for _ in range(args.n)]
-        inputs = engine.inputs(rows)
-        with torch.no_grad(), torch.random.fork_rng(devices=[0] if device.type == "cuda" else []):
-            torch.manual_seed(0)
-            start = time.perf_counter()
-            out = engine.model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0,
-                                        top_p=1.0, top_k=None, eos_token_id=[encoder.ids["im_end"]],
-                                        pad_token_id=encoder.ids["pad"], use_cache=True)
-            _sync(device)
-            hf_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = plain(args.new_tokens)
+        _sync(device)
+        hf_s = time.perf_counter() - start
         new = out[:, inputs["input_ids"].shape[1]:]
         ended = (new == encoder.ids["im_end"]).int().cumsum(1)
         hf_tokens = int(((ended == 0) | ((ended == 1) & (new == encoder.ids["im_end"]))).sum())
@@ -136,7 +145,7 @@ def step_part(args, data_dir: Path) -> dict:
     records = []
     if (run_dir / "metrics.jsonl").exists():
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    result = {"returncode": proc.returncode, "steps": [{k: r.get(k) for k in ("step",) + STEP_FIELDS} for r in records]}
+    result = {"new_tokens": args.new_tokens, "returncode": proc.returncode, "steps": [{k: r.get(k) for k in ("step",) + STEP_FIELDS} for r in records]}
     if proc.returncode != 0:
         result["stderr_tail"] = proc.stderr[-3000:]
     return result
@@ -148,16 +157,18 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=512)
-    parser.add_argument("--micro-sequences", type=int, default=8)
+    parser.add_argument("--seq-length", type=int, default=8192, help="the trainer's packed row")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--step-new-tokens", type=int, default=256, help="the step part's response limit")
     parser.add_argument("--samples", type=int, default=96, help="synthetic conversations")
-    parser.add_argument("--step-timeout", type=int, default=420)
+    parser.add_argument("--step-timeout", type=int, default=300)
     parser.add_argument("--parts", default="engine,step")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     if args.smoke:
-        args.prompts, args.n, args.new_tokens, args.samples, args.micro_sequences = 4, 2, 8, 16, 4
+        args.prompts, args.n, args.new_tokens, args.samples, args.seq_length = 4, 2, 8, 16, 1024
+        args.step_new_tokens = 8
     data_dir = Path(tempfile.mkdtemp()) / "data"
     subprocess.run([sys.executable, "-m", "data_pipelines.cli", "synth-suite", str(data_dir),
                     f"sft={args.samples}", "--workers", "2" if args.smoke else "8"], cwd=REPO, check=True,
@@ -166,7 +177,8 @@ def main() -> None:
     for part in args.parts.split(","):
         start = time.perf_counter()
         try:
-            results[part] = engine_part(args, data_dir) if part == "engine" else step_part(args, data_dir)
+            results[part] = engine_part(args, data_dir) if part == "engine" else \
+                step_part(argparse.Namespace(**{**vars(args), "new_tokens": args.step_new_tokens}), data_dir)
         except Exception as e:  # a part that fails is reported; the others still run
             results[part] = {"error": f"{type(e).__name__}: {e}"}
         results[part]["wall_s"] = time.perf_counter() - start

@@ -37,7 +37,7 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # a prompt longer than this (tokens, media placeholders included) is skipped and counted
     max_prompt_tokens: int = 1024
-    # sequences generated together per forward (per rank); 0: all of the rank's prompts x n at once
+    # sequences generated together per forward (per rank); 0: all of the rank's prompts x n at once.
+    # The trainer packs the samples whole into its usual micro-batches (trainer.micro_batch_size rows of
+    # trainer.seq_length tokens): max_prompt_tokens + sampling.max_new_tokens must fit in seq_length.
     generation_batch: int = 0
-    # trainer forward/backward micro-batch, in sequences (prompt + response), per rank
-    micro_batch_sequences: int = 4

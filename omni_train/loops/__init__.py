@@ -68,9 +68,14 @@ def check_rollout(cfg) -> None:
     if rollout.backend == "megatron":
         raise ConfigError("stage.rollout.backend", "megatron-core's inference engine backend is not built yet "
                                                    "(docs/posttraining.md); use backend=hf")
-    for key in ("prompts_per_step", "micro_batch_sequences", "max_prompt_tokens"):
+    for key in ("prompts_per_step", "max_prompt_tokens"):
         if getattr(rollout, key) < 1:
             raise ConfigError(f"stage.rollout.{key}", f"{getattr(rollout, key)}, must be >= 1")
+    longest = rollout.max_prompt_tokens + rollout.sampling.max_new_tokens
+    if longest > cfg.trainer.seq_length:
+        raise ConfigError("trainer.seq_length", f"{cfg.trainer.seq_length} < stage.rollout.max_prompt_tokens + "
+                                                f"sampling.max_new_tokens = {longest}: every sample is trained whole "
+                                                "in one row of trainer.seq_length tokens")
     if rollout.generation_batch < 0:
         raise ConfigError("stage.rollout.generation_batch", f"{rollout.generation_batch} < 0 (0: all at once)")
     try:

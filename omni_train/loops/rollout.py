@@ -10,8 +10,9 @@ what an uninterrupted run does (the prompt cursor is in the checkpoint with the 
 Tensor-parallel ranks of one data-parallel rank share one rollout: their first rank generates, the others
 receive its samples.
 
-Each micro-batch packs ``micro_batch_sequences`` samples into one row (per-document attention and
-TM-RoPE positions, as SFT packs conversations); the response tokens are the targets, and the rollout's
+Samples are packed whole into micro-batches of the trainer's shape (``trainer.micro_batch_size`` rows of
+``trainer.seq_length``; per-document attention and TM-RoPE positions, as SFT packs conversations), so the
+number of micro-batches follows the step's response lengths; the response tokens are the targets, and the rollout's
 log-probability of each rides along (``rollout_logprobs``), with the sample each target belongs to
 (``sample_ids``), so that the stage compares the trainer's recomputed log-probabilities with the
 rollout's and can form per-sequence quantities. Logged besides the stage's report: rollout tokens/s,
@@ -38,11 +39,7 @@ from omni_train.models.common.attention import document_attention
 from omni_train.rollout import Sample, build_engine, check_sampling, sampling_seed
 from omni_train.session import Session
 
-# a packed row's length is rounded up to this multiple (fewer distinct shapes for the kernels)
-ROW_MULTIPLE = 8
-
-
-def _document(sample: Sample) -> Document:
+def _document(sample: Sample, uid: int) -> Document:
     prompt, response = sample.prompt, np.asarray(sample.token_ids, dtype=np.int64)
     ids = np.concatenate([prompt.input_ids.numpy(), response])
     mask = np.concatenate([np.zeros(prompt.num_tokens, bool), np.ones(len(response), bool)])
@@ -51,36 +48,49 @@ def _document(sample: Sample) -> Document:
     pos = prompt.position_ids.numpy()
     after = pos.max() + 1 + np.arange(len(response), dtype=pos.dtype)
     pos = np.concatenate([pos, np.broadcast_to(after, (3, len(response)))], axis=1)
-    return Document(ids, mask, pos, [tuple(m.span) for m in prompt.media], list(prompt.media),
-                    f"{prompt.key}#{sample.index}", document_modality(m.kind for m in prompt.media))
+    return Document(ids, mask, pos, [tuple(m.span) for m in prompt.media], list(prompt.media), str(uid),
+                    document_modality(m.kind for m in prompt.media))
 
 
-def rollout_documents(samples: Sequence[Sample], pad_id: int) -> Tuple[Dict, List[Tuple[int, int]]]:
-    """Samples -> one packed micro-batch (ShardBatch, plus ``rollout_logprobs`` [1, L] float32 and
-    ``sample_ids`` [1, L] int64 at the target positions, -1 elsewhere) and each sample's [start, end) of
-    target positions: position t's label is token t + 1, so a response of r tokens after a prompt of p
-    starting at offset o is targets [o + p - 1, o + p - 1 + r)."""
-    docs = [_document(s) for s in samples]
-    total = sum(len(d.input_ids) for d in docs)
-    packer = SequencePacker(-(-total // ROW_MULTIPLE) * ROW_MULTIPLE, pad_id=pad_id, max_open=1)
-    rows = [row for doc in docs for row in packer.add(doc)] + packer.flush()
-    if len(rows) != 1 or len(rows[0].keys) != len(docs):
-        raise AssertionError(f"{len(docs)} rollout samples packed into {len(rows)} rows, expected one")
-    row = rows[0]
-    batch = shard_batch(collate_packed([row]))
-    length = row.input_ids.shape[0]
-    logprobs = torch.zeros(1, length, dtype=torch.float32)
-    sample_ids = torch.full((1, length), -1, dtype=torch.long)
-    spans, offset = [], 0
-    for i, (sample, doc) in enumerate(zip(samples, docs)):
-        start = offset + sample.prompt.num_tokens - 1
-        end = start + len(sample.token_ids)
-        logprobs[0, start:end] = torch.tensor(sample.logprobs, dtype=torch.float32)
-        sample_ids[0, start:end] = i
-        spans.append((start, end))
-        offset += len(doc.input_ids)
-    batch["rollout_logprobs"], batch["sample_ids"] = logprobs, sample_ids
-    return batch, spans
+def rollout_microbatches(samples: Sequence[Sample], pad_id: int, seq_length: int, micro_batch_size: int,
+                         max_open: int = 8) -> Tuple[List[Dict], List[Tuple[int, int, int, int]]]:
+    """Samples -> micro-batches of ``micro_batch_size`` rows of ``seq_length`` tokens (the trainer's one
+    shape: compiled kernels see no new shapes), each sample whole in one row (first-fit packing,
+    per-document attention and positions), and where each sample's targets lie: (micro-batch, row, start,
+    end) per sample. Position t's label is token t + 1, so a response of r tokens after a prompt of p at
+    offset o is targets [o + p - 1, o + p - 1 + r). Each micro-batch also carries ``rollout_logprobs``
+    [B, L] float32 and ``sample_ids`` [B, L] int64 (the sample's index in ``samples``; -1 elsewhere) at
+    the target positions. The last micro-batch may hold fewer rows."""
+    packer = SequencePacker(seq_length, pad_id=pad_id, max_open=max_open)
+    rows = []
+    for uid, sample in enumerate(samples):
+        doc = _document(sample, uid)
+        if len(doc.input_ids) > seq_length:
+            raise ValueError(f"sample of {sample.prompt.key}: prompt + response = {len(doc.input_ids)} tokens > "
+                             f"trainer.seq_length={seq_length} (stage.rollout.max_prompt_tokens + "
+                             f"sampling.max_new_tokens must fit)")
+        rows += packer.add(doc)
+    rows += packer.flush()
+    micro, where = [], [None] * len(samples)
+    for m in range(0, len(rows), micro_batch_size):
+        group = rows[m:m + micro_batch_size]
+        batch = shard_batch(collate_packed(group))
+        logprobs = torch.zeros(len(group), seq_length, dtype=torch.float32)
+        sample_ids = torch.full((len(group), seq_length), -1, dtype=torch.long)
+        for b, row in enumerate(group):
+            for d, key in enumerate(row.keys):
+                if key is None:
+                    continue
+                i = int(key)
+                sample = samples[i]
+                start = int(row.cu_seqlens[d]) + sample.prompt.num_tokens - 1
+                end = start + len(sample.token_ids)
+                logprobs[b, start:end] = torch.tensor(sample.logprobs, dtype=torch.float32)
+                sample_ids[b, start:end] = i
+                where[i] = (len(micro), b, start, end)
+        batch["rollout_logprobs"], batch["sample_ids"] = logprobs, sample_ids
+        micro.append(batch)
+    return micro, where
 
 
 def model_logits(model, batch) -> torch.Tensor:
@@ -136,8 +146,8 @@ class RolloutLoop(SupervisedLoop):
                                            seed=sampling_seed(self.cfg.trainer.seed, step, self.dp_rank))
         samples = self._share(samples)
         done = time.perf_counter()
-        size = rollout.micro_batch_sequences
-        micro = [rollout_documents(samples[i:i + size], self.pad_id)[0] for i in range(0, len(samples), size)]
+        trainer = self.cfg.trainer
+        micro, _ = rollout_microbatches(samples, self.pad_id, trainer.seq_length, trainer.micro_batch_size)
         lengths = [len(s.token_ids) for s in samples]
         self.rollout_values = {
             "rollout_sync_ms": sync.ms,

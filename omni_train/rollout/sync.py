@@ -93,6 +93,36 @@ class ThinkerWeightSync:
         self.hf = hf_thinker
         self.cfg = cfg  # ThinkerConfig
         self.targets: Dict[str, torch.Tensor] = dict(hf_thinker.named_parameters())
+        # transformers' module paths moved between releases (5.17: audio_tower.*, model.layers.*; 5.23:
+        # model.audio_tower.*, model.language_model.layers.*), and so may the experts' layout: read them here
+        names = self.targets
+        self.tower_prefix = "model." if any(n.startswith("model.audio_tower.") for n in names) else ""
+        self.lm_prefix = "model.language_model." if any(n.startswith("model.language_model.") for n in names) \
+            else "model."
+        self.fused_experts = f"{self.lm_prefix}layers.0.mlp.experts.gate_up_proj" in names
+
+    def _lm_name(self, disk_name: str) -> str:
+        return self.lm_prefix + hf_memory_name(disk_name)[len("model.language_model."):] \
+            if disk_name != "thinker.lm_head.weight" else "lm_head.weight"
+
+    def _put_experts(self, put, layer: int, projection: str, full: torch.Tensor, first: int) -> None:
+        """Experts [first, first + n) of one layer from our [n, out, in] block (fc1 rows: [gate; up])."""
+        base = f"{self.lm_prefix}layers.{layer}.mlp.experts"
+        if self.fused_experts:
+            name = f"{base}.{'gate_up_proj' if projection == 'linear_fc1' else 'down_proj'}"
+            if first == 0 and full.shape[0] == self.cfg.num_experts:
+                put(name, full)
+            else:
+                for i, block in enumerate(full):
+                    put(name, block, index=first + i)
+            return
+        for i, block in enumerate(full):  # one module per expert (older transformers)
+            if projection == "linear_fc1":
+                gate, up = block.chunk(2, dim=0)
+                put(f"{base}.{first + i}.gate_proj.weight", gate)
+                put(f"{base}.{first + i}.up_proj.weight", up)
+            else:
+                put(f"{base}.{first + i}.down_proj.weight", block)
 
     def _groups(self):
         if not parallel_state.model_parallel_is_initialized():
@@ -124,7 +154,7 @@ class ThinkerWeightSync:
         towers = [t for t in _TOWERS if hasattr(ours, t)]  # none: the LM alone, for text prompts
         for tower in towers:
             for name, param in getattr(ours, tower).named_parameters():
-                put(f"model.{tower}.{name}", param)
+                put(f"{self.tower_prefix}{tower}.{name}", param)
         lm = getattr(ours, "language_model", ours)
         experts_per_rank = self.cfg.num_experts // max(1, _size(ep_group))
         for name, param in lm.named_parameters():
@@ -133,9 +163,7 @@ class ThinkerWeightSync:
                 layer, projection = int(stacked.group(1)), stacked.group(2)
                 full = _gather(param, expert_tp_group, param.partition_dim if _split(param) else 0,
                                _FC1 if projection == "linear_fc1" else None)
-                full = _gather(full, ep_group, 0)
-                hf = "gate_up_proj" if projection == "linear_fc1" else "down_proj"
-                put(f"model.language_model.layers.{layer}.mlp.experts.{hf}", full)
+                self._put_experts(put, layer, projection, _gather(full, ep_group, 0), 0)
                 continue
             per_expert = _PER_EXPERT.match(name)
             if per_expert:  # model.thinker.experts_impl=sequential
@@ -145,16 +173,14 @@ class ThinkerWeightSync:
                 full = _gather(param, expert_tp_group, param.partition_dim if _split(param) else 0,
                                _FC1 if projection == "linear_fc1" else None)
                 for rank, block in enumerate(_gather(full.unsqueeze(0), ep_group, 0)):
-                    hf = "gate_up_proj" if projection == "linear_fc1" else "down_proj"
-                    put(f"model.language_model.layers.{layer}.mlp.experts.{hf}", block,
-                        index=rank * experts_per_rank + local)
+                    self._put_experts(put, layer, projection, block.unsqueeze(0), rank * experts_per_rank + local)
                 continue
             row, layer = _row_of(name)
             full = _gather(param, tp_group, param.partition_dim, row) if _split(param) else param
             fill = {} if layer is None else {"layer": layer}
             for disk, piece in zip(row.hf, _to_hf(row, full, self.cfg)):
-                put(hf_memory_name(disk.format(**fill)), piece)
-        skipped = tuple(f"model.{t}." for t in _TOWERS if t not in towers)
+                put(self._lm_name(disk.format(**fill)), piece)
+        skipped = tuple(f"{self.tower_prefix}{t}." for t in _TOWERS if t not in towers)
         missing = [n for n, p in self.targets.items()
                    if written.get(n, 0) != p.numel() and not n.startswith(skipped or ("\0",))]
         if missing:

@@ -19,7 +19,7 @@ from omni_train.data.shards import chat_encoder
 from omni_train.export.convert import export_hf
 from omni_train.export.generate import load_export
 from omni_train.data.media_batch import collate_media
-from omni_train.loops.rollout import recompute_logprobs, rollout_documents
+from omni_train.loops.rollout import recompute_logprobs, rollout_microbatches
 from omni_train.models.thinker.hf_config import hf_thinker_config
 from omni_train.models.thinker.omni import build_omni_thinker
 from omni_train.rollout import build_engine
@@ -84,11 +84,12 @@ def check_rollout(model, cfg, prompts, expected):
         assert sample.token_ids == want, (sample.prompt.key, sample.token_ids, want)
         assert sample.finish_reason == ("stop" if want[-1] == encoder.ids["im_end"] else "length")
     # the trainer's log-probabilities of the sampled tokens, from our model's logits on the packed samples
-    batch, spans = rollout_documents(samples, encoder.tokenizer.pad_token_id)
+    micro, where = rollout_microbatches(samples, encoder.tokenizer.pad_token_id, seq_length=256, micro_batch_size=2)
     with torch.no_grad():
-        recomputed = recompute_logprobs(model, batch)
-    for sample, (start, end) in zip(samples, spans):
-        got, want = recomputed[0, start:end], torch.tensor(sample.logprobs)
+        recomputed = [recompute_logprobs(model, batch) for batch in micro]
+    for i, (sample, (m, row, start, end)) in enumerate(zip(samples, where)):
+        assert (micro[m]["sample_ids"][row, start:end] == i).all()
+        got, want = recomputed[m][row, start:end], torch.tensor(sample.logprobs)
         assert (got - want).abs().max() <= 1e-5, (sample.prompt.key, got, want)
     return engine
 

@@ -104,11 +104,12 @@ def text_run_6_steps(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_torchrun_6_steps(tmp_path_factory):
-    """(run dir, metrics by step): cli.TEXT_6_STEPS on 2 data-parallel processes (plain torchrun)."""
+    """(run dir, metrics by step): cli.TEXT_6_STEPS on 2 data-parallel processes (plain torchrun: its
+    agent, its rendezvous, its workers)."""
     from cli import TEXT_6_STEPS, metrics, torchrun
 
     run_dir = tmp_path_factory.mktemp("text6_dp2") / "run"
-    torchrun(2, [*TEXT_6_STEPS, f"run_dir={run_dir}"])
+    torchrun(2, [*TEXT_6_STEPS, f"run_dir={run_dir}"], fresh_interpreter=True)
     return run_dir, metrics(run_dir)
 
 

@@ -16,7 +16,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 from omni_train.config import CONF_DIR, compose, validate_config
 from omni_train.planning.dry_run import print_dry_run
 from omni_train.planning.param_inventory import audio_tower_shapes, vision_tower_shapes
-from tests.cli import omni_train
+from cli import omni_train
 
 RECIPES = ["audio_align", "vision_align", "general_pretrain", "long_context", "sft", "distill_offpolicy"]
 # thinker_config of Qwen/Qwen3-Omni-30B-A3B-Instruct's config.json, written out (not read from our yaml)

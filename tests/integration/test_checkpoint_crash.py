@@ -1,10 +1,8 @@
 """A process killed in the middle of a checkpoint save leaves the previous checkpoint loadable."""
 
 import signal
-import subprocess
-import sys
 
-from cli import REPO, _env, metrics, omni_train
+from cli import metrics, omni_train, run
 
 # Runs the real CLI with dist_checkpointing.save wrapped: the second save writes its files into
 # step_00000004.tmp and then the job's whole process group (its checkpoint writer processes too) is
@@ -29,9 +27,7 @@ def test_kill_during_save_keeps_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     overrides = ["trainer.max_steps=6", "checkpoint.save_every=2", "checkpoint.keep_last=5",
                  f"run_dir={run_dir}"]
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_SAVE, *overrides], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300,
-                          start_new_session=True)
+    proc = run(["-c", KILL_IN_SECOND_SAVE, *overrides], timeout=300, new_session=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "step_00000004.tmp").is_dir()  # the half-finished save is there ...

@@ -5,8 +5,6 @@ prompt with an image and an audio clip, and its greedy generation is our model's
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
-from cli import REPO, _env
+from cli import run_module
 from omni_train.checkpoint.manager import MARKER, latest_checkpoint, load_model_weights
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.data.chat import ChatEncoder
@@ -38,9 +36,7 @@ def trained(multimodal_run, tmp_path_factory):
     run_dir, _ = multimodal_run
     root = tmp_path_factory.mktemp("scratch")
     assert "hf_source" not in json.loads((latest_checkpoint(run_dir / "checkpoints") / MARKER).read_text())
-    proc = subprocess.run([sys.executable, "-m", "omni_train.export.convert", "export",
-                           str(run_dir / "checkpoints"), str(root / "hf")],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = run_module("omni_train.export.convert", ["export", run_dir / "checkpoints", root / "hf"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no talker / code2wav exported (enable_audio_output=false)" in proc.stdout
     return run_dir, root / "hf"

@@ -4,8 +4,6 @@ collate_media lays media out as the processor; tower layouts that cannot run are
 
 import json
 import shutil
-import subprocess
-import sys
 from functools import partial
 from types import SimpleNamespace
 
@@ -14,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cli import REPO, _env, torchrun
+from cli import run, torchrun
 from omni_train.config import ConfigError, compose, validate_config
 from omni_train.data.chat import MediaItem
 from omni_train.data.features import audio_features, image_patches, video_patches
@@ -69,7 +67,7 @@ def test_trains_and_resumes_bitwise(multimodal_run):
 
 @pytest.fixture(scope="module")
 def data_parallel_run(synth_shards, tmp_path_factory):
-    """torchrun, 2 data-parallel ranks: 3 steps, then step 3 again from the step-2 checkpoint."""
+    """2 data-parallel ranks (cli.torchrun): 3 steps, then step 3 again from the step-2 checkpoint."""
     return _train_then_repeat_last_step(partial(torchrun, 2), tmp_path_factory.mktemp("dp") / "run",
                                         synth_shards)
 
@@ -133,11 +131,10 @@ finally:
 def test_data_parallel_matches_one_process(synth, data_parallel_run, tmp_path):
     """One process on the 2 ranks' global batch gives the 2-process per-step losses (text-only
     micro-batches on a rank included: their zero tower term keeps the gradient reduction in step).
-    The one-process run is a fresh interpreter (megatron keeps process-wide MoE state)."""
+    The one-process run is a process of its own (megatron keeps process-wide MoE state; tests/cli.py)."""
     run_dir = tmp_path / "one"
-    proc = subprocess.run([sys.executable, "-c", ONE_PROCESS_ON_BOTH_RANKS, str(synth), str(run_dir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**_env(threads=1), "MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1"})
+    proc = run(["-c", ONE_PROCESS_ON_BOTH_RANKS, synth, run_dir], threads=1, timeout=600,
+               env={"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = _records(run_dir)
     assert [r["step"] for r in one] == [1, 2, 3]

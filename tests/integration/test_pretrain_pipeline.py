@@ -8,13 +8,11 @@ exported directory loads in transformers.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoTokenizer, Qwen3OmniMoeForConditionalGeneration
 
-from cli import REPO, _env, metrics
+from cli import REPO, metrics, run_module
 from omni_train.data.packing import MODALITIES
 
 # Per stage: fewer steps and shorter sequences than the README's run.
@@ -43,10 +41,8 @@ def _stages(stop_general_at=None):
 
 def _pipeline(cwd, stop_general_at=None):
     """Run from `cwd`: the recipes' relative data/ and runs/ paths land there."""
-    cmd = [sys.executable, "-m", "omni_train.train", "recipe=tiny/pretrain_pipeline", _stages(stop_general_at),
-           *SHARED]
-    env = _env({"PYTHONPATH": str(REPO)})  # the package, wherever it was installed from
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return run_module("omni_train.train", ["recipe=tiny/pretrain_pipeline", _stages(stop_general_at), *SHARED],
+                      env={"PYTHONPATH": str(REPO)}, cwd=cwd, timeout=900)  # the package, wherever installed
 
 
 def _falls(records):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli import REPO, _env, metrics, omni_train
+from cli import metrics, omni_train, start
 
 STEPS = 16
 COMMON = [f"trainer.max_steps={STEPS}", "optim.warmup_steps=1", "checkpoint.save_every=3", "checkpoint.keep_last=5"]
@@ -24,7 +24,9 @@ def _port() -> int:
 
 
 class Job:
-    """A training process (or torchrun) in its own process group, so that a signal can go to all of it.
+    """A training process (or torchrun) in its own process group, so that a signal can go to all of it
+    (cli.start: `-m omni_train.train` and `-c` ranks from the test fork server, torchrun itself in a fresh
+    interpreter).
 
     Output goes to files: helpers that megatron's checkpointing spawns outlive a rank killed with -9 and
     would hold a pipe open; finish() ends what is left of the group."""
@@ -32,9 +34,7 @@ class Job:
     def __init__(self, args, env=None, threads=2):
         self.out, self.err = (Path(os.environ.get("TMPDIR", "/tmp")) / f"job-{time.time_ns()}.{k}"
                               for k in ("out", "err"))
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(env, threads=threads),
-                                         stdout=out, stderr=err, start_new_session=True)
+        self.proc = start(args, self.out, self.err, env=env, threads=threads, new_session=True)
         self.pid = self.proc.pid
         self.result = None
 

@@ -3,13 +3,11 @@ and its thinker gives our trained model's logits; the untouched parts (towers, t
 back bit-identical."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from cli import REPO, _env, metrics, omni_train
+from cli import metrics, omni_train, run_module
 from omni_train.checkpoint.manager import latest_checkpoint
 from omni_train.export.hf_io import HFReader
 from tests.parity.test_convert import assert_export_gives_our_logits
@@ -21,8 +19,7 @@ MODEL = ["model.thinker.vocab_size=128", "model.thinker.hidden_size=32", "model.
 
 
 def convert(*args):
-    proc = subprocess.run([sys.executable, "-m", "omni_train.export.convert", *map(str, args)], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = run_module("omni_train.export.convert", list(args), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

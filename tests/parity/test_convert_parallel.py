@@ -3,14 +3,15 @@ gives transformers' thinker logits on every rank, and the checkpoint exports bac
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
+from cli import spawn
 from omni_train.checkpoint.manager import load_model_weights
 from omni_train.config.schema import ParallelConfig
 from omni_train.export.convert import main
@@ -24,6 +25,7 @@ LAYOUTS = {"ep2": ParallelConfig(ep=2), "tp2": ParallelConfig(tp=2, sequence_par
 
 
 def _worker(rank, ports, hf_dir, ckpt, layout_name, result_dir):
+    hf_dir, ckpt, result_dir = Path(hf_dir), Path(ckpt), Path(result_dir)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     layout = LAYOUTS[layout_name]
@@ -51,7 +53,7 @@ def test_sharded_import_matches_transformers_and_exports_identical(hf_dir, tmp_p
     os.environ["OMP_NUM_THREADS"] = "1"
     ckpt = tmp_path / "ckpt"
     ports = (free_port(), free_port())
-    mp.spawn(_worker, args=(ports, hf_dir, ckpt, layout_name, tmp_path), nprocs=2, join=True)
+    spawn(_worker, [ports, str(hf_dir), str(ckpt), layout_name, str(tmp_path)])  # as mp.spawn (tests/cli.py)
     for key in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
         os.environ.pop(key, None)
 

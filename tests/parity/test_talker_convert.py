@@ -19,8 +19,6 @@ codec vocabulary (64) our Talker refuses (codes must lie below codec_vocab - 102
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from megatron.core import dist_checkpointing
 from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-from cli import REPO as _REPO, _env
+from cli import start
 from omni_train.checkpoint.manager import CheckpointManager, TrainState, load_model_weights, read_provenance
 from omni_train.config.schema import ParallelConfig
 from omni_train.export import talker as audio_output
@@ -49,13 +47,6 @@ H, TALKER_H, CODEBOOK, GROUPS = 36, 24, 48, 3
 IDS = dict(audio=120, image=121, video=122, vision_start=123, audio_start=124, im_start=125, im_end=126,
            tts_pad=127, tts_bos=128, tts_eos=129, system=130, user=131, assistant=132)
 EXPERTS_KEY = "talker.backbone.decoder.layers.mlp.experts.experts.linear_fc1.weight"
-
-
-def _start(args, stdout, stderr):
-    """`python ARGS` in its own interpreter (one thread), output to the two files."""
-    with open(stdout, "w") as out, open(stderr, "w") as err:
-        return subprocess.Popen([sys.executable, *map(str, args)], cwd=_REPO, env=_env(threads=1), stdout=out,
-                                stderr=err)
 
 
 def tiny_config() -> Qwen3OmniMoeConfig:
@@ -181,7 +172,8 @@ def test_import_ep2_gives_the_talker_and_exports_identical(megatron_world1, hf_d
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); "
             "from tests.parity.test_talker_convert import ep2_worker; "
             "ep2_worker(int(sys.argv[1]), [int(p) for p in sys.argv[2:5]], *sys.argv[5:])")
-    procs = [_start(["-c", code, rank, *ports, hf_dir, ckpt, tmp_path], tmp_path / f"out{rank}", tmp_path / f"err{rank}")
+    procs = [start(["-c", code, rank, *ports, hf_dir, ckpt, tmp_path], tmp_path / f"out{rank}", tmp_path / f"err{rank}",
+                   threads=1)
              for rank in (0, 1)]
     for rank, proc in enumerate(procs):
         assert proc.wait(timeout=300) == 0, (tmp_path / f"err{rank}").read_text()[-3000:]

@@ -13,7 +13,7 @@ import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeThinkerConfig
 
-from cli import _env
+from cli import run_module
 from omni_train.export import verify as verify_module
 from omni_train.export.convert import main
 from omni_train.models.thinker import bridge
@@ -154,10 +154,9 @@ def test_inputs_hold_every_placeholder_kind(omni_dirs):
 
 def test_qwen3_moe_subprocess(tmp_path):
     hf_dir = save_qwen3_moe(tmp_path / "qwen3_moe")
-    # a fresh environment: this process's MASTER_PORT may belong to a process group an in-process test
-    # left bound, and the subprocess would fail to listen on it (EADDRINUSE)
-    done = subprocess.run([sys.executable, "-m", "omni_train.export.convert", "verify", str(hf_dir)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+    # a fresh environment (cli._env): this process's MASTER_PORT may belong to a process group an
+    # in-process test left bound, and the subprocess would fail to listen on it (EADDRINUSE)
+    done = run_module("omni_train.export.convert", ["verify", hf_dir], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"omni-convert verify: {hf_dir} (Qwen3MoeForCausalLM, tp=1 ep=1, fp32")

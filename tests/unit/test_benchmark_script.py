@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "thinker_throughput.py"
 # The script's --tiny sizes, written out again so that the FLOP count is checked against the formula
@@ -25,20 +27,47 @@ def expected_parameters() -> int:
     return L * per_layer + 2 * V * H + H
 
 
-def run_tiny(tmp_path, which: str, *extra: str, seq: int = S, timeout: int = 170):
-    """The script with --tiny on CPU, 1 warm-up and 2 timed steps: (its JSON report, its stdout)."""
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(seq),
-           "--micro-batch", str(B), "--steps", "2", "--warmup", "1", "--which", which, *extra,
-           "--json", str(out), "--log-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+# The module's three runs of the script with --tiny on CPU, 1 warm-up and 2 timed steps: (--which, other
+# arguments, sequence length, timeout in seconds when run alone).
+RUNS = {
+    "text": ("ours,hf_eager", [], S, 170),
+    "omni": ("ours_omni,hf_omni_grouped_mm", [], 64, 110),
+    "accumulation": ("ours,hf_eager", ["--micro-batches", "2"], S, 170),
+}
 
 
-def test_tiny_benchmark_on_cpu(tmp_path):
-    report, stdout = run_tiny(tmp_path, "ours,hf_eager")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The RUNS, started together, one thread each: each variant runs in its own interpreter, which spends
+    most of its time importing on one core, so on 2 cores the three runs overlap."""
+    started = {}
+    for name, (which, extra, seq, _) in RUNS.items():
+        log_dir = tmp_path_factory.mktemp(f"bench_{name}")
+        cmd = [sys.executable, str(SCRIPT), "--tiny", "--layers", str(L), "--seq-length", str(seq),
+               "--micro-batch", str(B), "--steps", "2", "--warmup", "1", "--which", which, *extra,
+               "--json", str(log_dir / "bench.json"), "--log-dir", str(log_dir)]
+        with open(log_dir / "stdout", "w") as out, open(log_dir / "stderr", "w") as err:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO,
+                                    env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+        started[name] = (proc, log_dir)
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_tiny(runs, name: str):
+    """(The JSON report, the stdout) of RUNS[name]; the timeouts of all three: they share the cores."""
+    proc, log_dir = runs[name]
+    proc.wait(timeout=sum(run[3] for run in RUNS.values()))
+    stdout, stderr = (log_dir / "stdout").read_text(), (log_dir / "stderr").read_text()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return json.loads((log_dir / "bench.json").read_text()), stdout
+
+
+def test_tiny_benchmark_on_cpu(runs):
+    report, stdout = run_tiny(runs, "text")
     assert report["flops_per_token"] == expected_flops_per_token()
     assert report["tokens_per_step"] == B * S
     assert report["peak_flops"] is None  # no MFU on CPU
@@ -80,13 +109,13 @@ def tiny_omni_towers():
     return model, Qwen3OmniMoeAudioEncoder(hf.audio_config), Qwen3OmniMoeVisionEncoder(hf.vision_config)
 
 
-def test_tiny_omni_benchmark_on_cpu(tmp_path):
+def test_tiny_omni_benchmark_on_cpu(runs):
     """ours_omni (the trainer, stage multimodal_pretrain) and transformers' Thinker with the same towers on
     sequences of text + a 100-frame audio clip + a 64 px image: tower FLOPs counted, figures consistent."""
     from omni_train.metrics import audio_tower_flops, vision_tower_flops
 
-    seq = 64
-    report, stdout = run_tiny(tmp_path, "ours_omni,hf_omni_grouped_mm", seq=seq, timeout=110)
+    seq = RUNS["omni"][2]
+    report, stdout = run_tiny(runs, "omni")
     model, audio, vision = tiny_omni_towers()
     omni = report["omni"]
     assert omni["flavor"] == "tiny_omni"
@@ -119,10 +148,10 @@ def test_tiny_omni_benchmark_on_cpu(tmp_path):
     assert "| ours_omni" in stdout and "omni (tiny_omni towers)" in stdout
 
 
-def test_gradient_accumulation_on_cpu(tmp_path):
+def test_gradient_accumulation_on_cpu(runs):
     """--micro-batches 2: both sides take two micro-batches per optimizer step; tokens per step and the
     figures count both; the first step's loss (the mean over its two micro-batches) is the same model's."""
-    report, _ = run_tiny(tmp_path, "ours,hf_eager", "--micro-batches", "2")
+    report, _ = run_tiny(runs, "accumulation")
     assert report["tokens_per_step"] == 2 * B * S
     for r in report["results"]:
         assert r["status"] == "ok", r

@@ -55,7 +55,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     overrides, env, key = CASES[7]  # parallel.ep=3: a layout error from validate_config
     run_dir = tmp_path / "run"
     start = time.perf_counter()
-    proc = omni_train([*overrides, f"run_dir={run_dir}"], env=env, check=False, timeout=60)
+    proc = omni_train([*overrides, f"run_dir={run_dir}"], env=env, check=False, timeout=60,
+                      fresh_interpreter=True)  # how fast a new process fails, imports included
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

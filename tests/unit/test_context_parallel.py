@@ -17,12 +17,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
+from cli import spawn
 from omni_train import compat
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.models.common.attention import SDPAttention
@@ -138,4 +138,4 @@ def _worker(rank: int, port: int):
 
 
 def test_cp2_matches_cp1():
-    mp.spawn(_worker, args=(free_port(),), nprocs=2, join=True)
+    spawn(_worker, [free_port()])  # tests/cli.py: as torch.multiprocessing.spawn

@@ -8,7 +8,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -18,6 +17,7 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from cli import spawn
 from omni_train import compat
 from omni_train.config.schema import ThinkerConfig, ParallelConfig
 from omni_train.models.thinker.lm import build_thinker_lm, describe_shards
@@ -213,4 +213,4 @@ def _data_parallel_checkpoint(rank: int, ckpt_root: str):
 
 
 def test_world2_ep_alltoall_tp_dp_checkpoint(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, [free_port(), str(tmp_path)])  # tests/cli.py: as torch.multiprocessing.spawn

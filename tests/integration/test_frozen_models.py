@@ -112,8 +112,11 @@ def test_frozen_model_names_are_checked_before_building(tmp_path):
                    "stage.frozen_models=[{name: ref, source: init}, {name: ref, source: 'stage:x'}]"])
     with pytest.raises(ConfigError, match=r"stage.frozen_models\[0\].name: 'ref' names two frozen models"):
         check_stage(cfg)
-    cfg = compose(["recipe=tiny/text_pretrain", "stage.loop=rollout"])
-    with pytest.raises(ConfigError, match="stage.loop: unknown loop 'rollout'; known: supervised"):
+    cfg = compose(["recipe=tiny/text_pretrain", "stage.loop=async"])
+    with pytest.raises(ConfigError, match="stage.loop: unknown loop 'async'; known: supervised, rollout"):
+        check_stage(cfg)
+    cfg = compose(["recipe=tiny/text_pretrain", "stage.loop=rollout"])  # a stage that learns from data
+    with pytest.raises(ConfigError, match="stage.loop: stage 'text_pretrain' runs under loop supervised"):
         check_stage(cfg)
 
 

@@ -51,7 +51,7 @@ case "${1:-proxy}" in
     mkdir -p "$OUT/sft_logs" && cp /tmp/sft_throughput/*.log "$OUT/sft_logs/"
     ;;
   rollout)
-    timeout 585 python3 benchmarks/rollout_throughput.py --json "$OUT/rollout_throughput.json" 2>&1 | tail -n 80
+    timeout 585 python3 benchmarks/rollout_throughput.py --json "$OUT/rollout_throughput.json" ${2:+--parts $2} 2>&1 | tail -n 80
     ;;
   talker)
     python3 benchmarks/talker_throughput.py --json "$OUT/talker_throughput.json" --log-dir "$OUT/talker_logs"

@@ -5,8 +5,8 @@ export of this run writes), without random initialisation; ``sync`` copies the t
 (rollout/sync.py). ``generate`` runs transformers' own ``generate`` (KV cache, left-padded batches, audio /
 image / video prompts through the towers) and records, for each generated token, its log-probability
 under ``log_softmax(logits / T)``: a logits processor placed before transformers' temperature / top-k /
-top-p processors sees each step's raw logits and keeps one step's log-softmax ([batch, vocab]) until the
-next step shows which token was taken. The media placeholder ids are never sampled (``_Suppress``).
+top-p processors sees each step's raw logits and keeps them with their log-sum-exp until the next step
+shows which token was taken. The media placeholder ids are never sampled (``_Suppress``).
 """
 
 from __future__ import annotations
@@ -27,23 +27,29 @@ from omni_train.rollout.sync import SyncReport, ThinkerWeightSync
 
 
 class _TakenLogProbs(LogitsProcessor):
-    """Log-probability of each generated token under log_softmax(raw logits / T)."""
+    """Log-probability of each generated token under log_softmax(raw logits / T): per step it keeps the raw
+    logits (the tensor transformers hands over, no copy) and their log-sum-exp ([B]); the next step, whose
+    input ids end with the token taken, reads that token's logit from them. No [B, V] tensor is written."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature if temperature > 0 else 1.0
-        self.pending = None  # [B, V] log-probabilities of the last step
+        self.pending = None  # (raw logits [B, V], logsumexp(logits / T) [B]) of the last step
         self.taken: List[torch.Tensor] = []
+
+    def _take(self, token_ids: torch.Tensor) -> None:
+        logits, lse = self.pending
+        self.taken.append(logits.gather(1, token_ids).squeeze(1).float() / self.temperature - lse)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.pending is not None:  # input_ids now end with the token that step chose
-            self.taken.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+            self._take(input_ids[:, -1:])
+        self.pending = (scores, torch.logsumexp(scores.float() / self.temperature, dim=-1))
         return scores
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
         """[B, new tokens]: the last step's token read from the final sequences."""
         if self.pending is not None:
-            self.taken.append(self.pending.gather(1, sequences[:, -1:]).squeeze(1))
+            self._take(sequences[:, -1:])
             self.pending = None
         return torch.stack(self.taken, dim=1)
 
@@ -56,10 +62,13 @@ class _Suppress(LogitsProcessor):
 
     def __init__(self, ids, vocab_size: int):
         self.ids = sorted({i for i in ids if 0 <= i < vocab_size})
+        self._index = None  # the ids on the scores' device, made once
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.ids] = float("-inf")
-        return scores
+        if self._index is None or self._index.device != scores.device:
+            self._index = torch.tensor(self.ids, dtype=torch.long, device=scores.device)
+        # in place: the raw logits _TakenLogProbs keeps change only at ids that are never taken
+        return scores.index_fill_(1, self._index, float("-inf"))
 
 
 def _hf_media(prompts: Sequence[Prompt], device, dtype) -> dict:

@@ -16,6 +16,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redraw_weights(model, scale: float, seed: int = 0) -> None:
+    """Re-draw a Thinker's weights large (norms 1 + 0.1 noise, the rest `scale` x noise, seeded): its outputs
+    then depend on positions, documents and media, and greedy choices are not near ties (the parity tests'
+    way of making a wrong rope section or tower visible)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name or ".ln_" in name else scale * noise)
+
+
 @pytest.fixture
 def library_patches():
     """The run-time patches of megatron-core, torch and transformers (omni_train/compat/), as init_parallel

@@ -73,20 +73,10 @@ def _barrier() -> None:
 
 def check_hf_lm(reader: HFReader, cfg, source: str) -> Tuple[torch.dtype, set]:
     """Every LM tensor present with the shape the config implies, one dtype; returns (dtype, names)."""
-    names, dtypes = set(), {}
-    for row, _, hf_names in expand_table(cfg):
-        for table_name, want in zip(hf_names, hf_shapes(row, cfg)):
-            name = rename_hf(table_name, source)
-            if name not in reader:
-                raise ValueError(f"tensor {name!r} is missing from the HF checkpoint")
-            shape, dtype = reader.meta(name)
-            if shape != want:
-                raise ValueError(f"tensor {name!r} has shape {list(shape)}, the config implies {list(want)}")
-            names.add(name)
-            dtypes.setdefault(dtype, name)
-    if len(dtypes) > 1:
-        raise ValueError(f"LM tensors mix dtypes: {dict((str(d), n) for d, n in dtypes.items())}")
-    return next(iter(dtypes)), names
+    expected = ((rename_hf(name, source), want) for row, _, hf_names in expand_table(cfg)
+                for name, want in zip(hf_names, hf_shapes(row, cfg)))
+    dtype, names = reader.check(expected, "LM", "the config")
+    return dtype, set(names)
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")

@@ -39,6 +39,23 @@ class HFReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def check(self, expected, part: str, implied_by: str) -> Tuple[torch.dtype, List[str]]:
+        """Every (name, shape) of ``expected`` present with that shape, all in one dtype; returns (dtype,
+        names). ValueError naming the tensor (``implied_by``: what the shapes come from, ``part``: what the
+        tensors are, for the messages)."""
+        names, dtypes = [], {}
+        for name, want in expected:
+            if name not in self:
+                raise ValueError(f"tensor {name!r} is missing from the HF checkpoint")
+            shape, dtype = self.meta(name)
+            if shape != want:
+                raise ValueError(f"tensor {name!r} has shape {list(shape)}, {implied_by} implies {list(want)}")
+            names.append(name)
+            dtypes.setdefault(dtype, name)
+        if len(dtypes) > 1:
+            raise ValueError(f"{part} tensors mix dtypes: {dict((str(d), n) for d, n in dtypes.items())}")
+        return next(iter(dtypes)), names
+
     def _file(self, name: str) -> str:
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} is missing from {self.root}")

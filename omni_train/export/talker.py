@@ -113,19 +113,9 @@ def layout_problem(cfg: TalkerConfig, layout: ParallelConfig) -> Optional[str]:
 def check_hf_talker(reader: HFReader, cfg: TalkerConfig) -> Tuple[torch.dtype, List[str]]:
     """Every Talker tensor of the table present with the shape the config implies, one dtype; returns
     (dtype, names)."""
-    names, dtypes = [], {}
-    for row, _, hf_names in expand_table(cfg):
-        for name, want in zip(hf_names, hf_shapes(row, cfg)):
-            if name not in reader:
-                raise ValueError(f"tensor {name!r} is missing from the HF checkpoint")
-            shape, dtype = reader.meta(name)
-            if shape != want:
-                raise ValueError(f"tensor {name!r} has shape {list(shape)}, the talker config implies {list(want)}")
-            names.append(name)
-            dtypes.setdefault(dtype, name)
-    if len(dtypes) > 1:
-        raise ValueError(f"Talker tensors mix dtypes: {dict((str(d), n) for d, n in dtypes.items())}")
-    return next(iter(dtypes)), names
+    expected = ((name, want) for row, _, hf_names in expand_table(cfg)
+                for name, want in zip(hf_names, hf_shapes(row, cfg)))
+    return reader.check(expected, "Talker", "the talker config")
 
 
 def plan_audio_output(config: dict, reader: HFReader, layout: ParallelConfig) -> AudioOutput:

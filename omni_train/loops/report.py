@@ -43,7 +43,6 @@ class LossReport:
             self.names = self._agree({name for report in reports for name in report})
         index = {name: i for i, name in enumerate(self.names)}
         total = torch.zeros(len(self.names), 2, dtype=torch.float64, device=device)
-        is_max = torch.tensor([name.endswith("_max") for name in self.names], device=device)
         for report in reports:
             for name, pair in report.items():
                 if name not in index:
@@ -53,6 +52,7 @@ class LossReport:
                 i = index[name]
                 total[i] = torch.maximum(total[i], pair) if name.endswith("_max") else total[i] + pair
         if any(name.endswith("_max") for name in self.names):  # decided on the host: no device sync
+            is_max = torch.tensor([name.endswith("_max") for name in self.names], device=device)
             peaks = torch.where(is_max[:, None], total, torch.zeros_like(total))
             dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
             total = torch.where(is_max[:, None], torch.zeros_like(total), total)

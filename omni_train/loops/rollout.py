@@ -29,14 +29,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.utils import unwrap_model
 
 from omni_train.data.batch import shard_batch
 from omni_train.data.packing import Document, SequencePacker, collate_packed, document_modality
 from omni_train.loops.supervised import SupervisedLoop
-from omni_train.losses.distill import student_log_probs
-from omni_train.models.common.attention import document_attention
-from omni_train.rollout import Sample, build_engine, check_sampling, sampling_seed
+from omni_train.losses.onpolicy import token_logprobs
+from omni_train.parallel.process_state import preserved_rng
+from omni_train.rollout import Sample, build_engine, model_logits, sampling_seed
 from omni_train.session import Session
 
 def _document(sample: Sample, uid: int) -> Document:
@@ -93,18 +92,11 @@ def rollout_microbatches(samples: Sequence[Sample], pad_id: int, seq_length: int
     return micro, where
 
 
-def model_logits(model, batch) -> torch.Tensor:
-    """Our model's logits [B, L, V / tp] on a packed rollout micro-batch."""
-    media = unwrap_model(model).prepare_media(batch["media"], batch["media_sizes"], batch["input_ids"].device)
-    return model(batch["input_ids"], batch["position_ids"], labels=None, **document_attention(batch), **media)
-
-
 def recompute_logprobs(model, batch, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(logits / T) of each position's label [B, L] under ``model`` (the trainer's view of
     the rollout's log-probabilities; meaningful at the target positions)."""
-    logits = model_logits(model, batch)
-    scale = temperature if temperature > 0 else 1.0
-    return student_log_probs(logits / scale, batch["labels"][..., None])[..., 0]
+    return token_logprobs(model_logits(model, batch), batch["labels"],
+                          temperature=temperature if temperature > 0 else 1.0)
 
 
 class RolloutLoop(SupervisedLoop):
@@ -112,18 +104,19 @@ class RolloutLoop(SupervisedLoop):
         super().__init__(session)
         cfg, env = self.cfg, self.env
         rollout = cfg.stage.rollout
-        check_sampling(rollout.sampling)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
         if rollout.prompts_per_step % dp:
             raise ValueError(f"stage.rollout.prompts_per_step={rollout.prompts_per_step} does not divide over "
                              f"{dp} data-parallel ranks")
         self.prompts_per_rank = rollout.prompts_per_step // dp
-        self.engine = build_engine(rollout.backend, cfg.model.thinker, session.data.encoder, env.device,
-                                   session.dtype, rollout.generation_batch)
+        with preserved_rng():  # the trained model's run is the same with or without an engine beside it
+            self.engine = build_engine(rollout.backend, cfg.model.thinker, session.data.encoder, env.device,
+                                       session.dtype, rollout.generation_batch)
         self.pad_id = session.data.encoder.tokenizer.pad_token_id
         self.rollout_values: Dict[str, float] = {}
         self._step_start = time.perf_counter()
+        self._targets = 0  # this rank's target tokens of the current step
 
     def _share(self, samples):
         """The tensor-parallel group's first rank's samples, on every rank of the group."""
@@ -139,7 +132,7 @@ class RolloutLoop(SupervisedLoop):
         start = time.perf_counter()
         sync = self.engine.sync(self.model)
         prompts = self.session.data.next_prompts(self.prompts_per_rank)
-        generated = time.perf_counter()
+        generation_start = time.perf_counter()
         samples = None
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             samples = self.engine.generate(prompts, rollout.sampling,
@@ -149,10 +142,11 @@ class RolloutLoop(SupervisedLoop):
         trainer = self.cfg.trainer
         micro, _ = rollout_microbatches(samples, self.pad_id, trainer.seq_length, trainer.micro_batch_size)
         lengths = [len(s.token_ids) for s in samples]
+        self._targets = sum(lengths)  # every response token is a target, and nothing else
         self.rollout_values = {
             "rollout_sync_ms": sync.ms,
-            "rollout_generate_s": done - generated,
-            "rollout_tokens_per_s": sum(lengths) / max(done - generated, 1e-9),
+            "rollout_generate_s": done - generation_start,
+            "rollout_tokens_per_s": sum(lengths) / max(done - generation_start, 1e-9),
             "response_length": float(np.mean(lengths)),
             "response_truncated": float(np.mean([s.finish_reason == "length" for s in samples])),
         }
@@ -163,8 +157,7 @@ class RolloutLoop(SupervisedLoop):
         return self.cfg.stage.rollout.prompts_per_step
 
     def tokens_per_step(self, micro) -> int:
-        local = sum(int((batch["loss_mask"] > 0).sum()) for batch in micro) if micro else 0
-        return local * parallel_state.get_data_parallel_world_size()
+        return self._targets * parallel_state.get_data_parallel_world_size()
 
     def train_step(self) -> Dict[str, float]:
         timers = self.session.stage.timers

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from omni_train.config.schema import (
     AudioTowerConfig,
@@ -114,6 +114,18 @@ class MemoryEstimate:
 def param_bytes(trainer: TrainerConfig) -> int:
     """bf16 unless the run is fp32 ("auto" is bf16 on the GPUs this estimate is for)."""
     return FP32 if trainer.precision == "fp32" else 2
+
+
+def micro_batch_plan(trainer: TrainerConfig, layout: Layout) -> Tuple[int, List[str]]:
+    """(micro-batches per optimizer step on a rank, notes): a global batch that does not divide over
+    micro_batch_size x dp is noted (a run on that many GPUs refuses it)."""
+    per_step = trainer.micro_batch_size * layout.dp
+    notes = []
+    if trainer.global_batch_size % per_step:
+        notes.append(f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
+                     f"micro_batch_size * dp = {trainer.micro_batch_size} * {layout.dp}: a run on "
+                     f"{layout.world_size} GPUs refuses it")
+    return max(1, trainer.global_batch_size // per_step), notes
 
 
 def trains_in_phase(name: str, trainable: Sequence[str], frozen: Sequence[str]) -> bool:
@@ -297,13 +309,7 @@ def estimate_memory(model: ThinkerConfig, parallel: ParallelConfig, trainer: Tra
             parallel.tp * parallel.pp * parallel.ep):
         raise ValueError(f"world size {world_size} does not fit tp={parallel.tp} pp={parallel.pp} "
                          f"cp={parallel.cp} ep={parallel.ep}")
-    per_step = trainer.micro_batch_size * layout.dp
-    micro_batches = max(1, trainer.global_batch_size // per_step)
-    notes = []
-    if trainer.global_batch_size % per_step:
-        notes.append(f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
-                     f"micro_batch_size * dp = {trainer.micro_batch_size} * {layout.dp}: a run on "
-                     f"{world_size} GPUs refuses it")
+    micro_batches, notes = micro_batch_plan(trainer, layout)
     estimates = []
     for phase, trainable, frozen in stage_phases(stage):
         def trains(name: str) -> bool:

@@ -41,6 +41,7 @@ from omni_train.planning.memory_estimate import (
     MemoryEstimate,
     MemoryItem,
     lm_layer_activation_bytes,
+    micro_batch_plan,
     param_bytes,
     stage_phases,
     state_items,
@@ -110,13 +111,7 @@ def estimate_talker_memory(talker: TalkerConfig, thinker: ThinkerConfig, paralle
         raise ValueError(f"world size {world_size} and tp={parallel.tp} pp={parallel.pp} cp={parallel.cp} "
                          f"ep={parallel.ep} are not a Talker layout (tp = pp = cp = 1, ep dividing the world)")
     layout = Layout(world_size, 1, 1, parallel.ep, 1)
-    per_step = trainer.micro_batch_size * layout.dp
-    micro_batches = max(1, trainer.global_batch_size // per_step)
-    notes = []
-    if trainer.global_batch_size % per_step:
-        notes.append(f"trainer.global_batch_size={trainer.global_batch_size} is not a multiple of "
-                     f"micro_batch_size * dp = {trainer.micro_batch_size} * {layout.dp}: a run on "
-                     f"{world_size} GPUs refuses it")
+    micro_batches, notes = micro_batch_plan(trainer, layout)
     params = talker_rank_parameters(talker, parallel.ep)
     thinker_held = sum(p.numel for p in rank_parameters(thinker, parallel, 0))
     pbytes = param_bytes(trainer)

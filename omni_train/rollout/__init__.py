@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
+import torch
+
 from omni_train.config.rollout import BACKENDS, SamplingConfig
 from omni_train.data.prompts import Prompt
 
@@ -78,6 +80,24 @@ def build_engine(backend: str, model_cfg, encoder, device, dtype, generation_bat
     raise ValueError(f"stage.rollout.backend: {backend!r}, expected one of {', '.join(BACKENDS)}")
 
 
+def model_logits(model, batch) -> torch.Tensor:
+    """A model's logits [B, L, V / tp] on a packed rollout micro-batch (loops/rollout.py): the trained model
+    or a frozen one (frozen.FrozenModel), a Thinker with towers or an LM alone (text only: 1-D positions)."""
+    from megatron.core.utils import unwrap_model
+
+    from omni_train.frozen import FrozenModel
+    from omni_train.models.common.attention import document_attention
+
+    inner = unwrap_model(model.module if isinstance(model, FrozenModel) else model)
+    attention = document_attention(batch)
+    if hasattr(inner, "prepare_media"):
+        media = inner.prepare_media(batch["media"], batch["media_sizes"], batch["input_ids"].device)
+        return model(batch["input_ids"], batch["position_ids"], labels=None, **attention, **media)
+    if any(v is not None for v in batch["media_sizes"].values()):
+        raise ValueError("a text-only model got a prompt with media (stage.loss.text_prompts_only filters them)")
+    return model(batch["input_ids"], batch["position_ids"][0], labels=None, **attention)
+
+
 def stop_ids(encoder, sampling: SamplingConfig) -> List[int]:
     """The ids that end a response: end of turn, end of text (where the tokenizer has one), and the
     recipe's ``stop_ids``."""
@@ -88,4 +108,5 @@ def stop_ids(encoder, sampling: SamplingConfig) -> List[int]:
     return ids + [int(i) for i in sampling.stop_ids if int(i) not in ids]
 
 
-__all__ = ["FINISH_REASONS", "Prompt", "Sample", "build_engine", "check_sampling", "sampling_seed", "stop_ids"]
+__all__ = ["FINISH_REASONS", "Prompt", "Sample", "build_engine", "check_sampling", "model_logits", "sampling_seed",
+           "stop_ids"]

@@ -29,21 +29,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
-from omni_train.models.thinker.bridge import Row, TABLE, _to_hf, tp_unslice
+from omni_train.models.thinker.bridge import Row, TABLE, to_hf, tp_unslice
 
 _LM_PREFIX = "thinker.model."
 _TOWERS = ("audio_tower", "visual")
 _STACKED = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.experts\.(linear_fc[12])_weight$")
 _PER_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
-
-
-def hf_memory_name(disk_name: str) -> str:
-    """An on-disk Thinker LM name (bridge table) -> the name in transformers' in-memory Thinker."""
-    if disk_name == "thinker.lm_head.weight":
-        return "lm_head.weight"
-    if not disk_name.startswith(_LM_PREFIX):
-        raise ValueError(f"{disk_name!r} is not a Thinker LM tensor")
-    return "model.language_model." + disk_name[len(_LM_PREFIX):]
 
 
 def _templates() -> List[Tuple[re.Pattern, Row]]:
@@ -102,8 +93,12 @@ class ThinkerWeightSync:
         self.fused_experts = f"{self.lm_prefix}layers.0.mlp.experts.gate_up_proj" in names
 
     def _lm_name(self, disk_name: str) -> str:
-        return self.lm_prefix + hf_memory_name(disk_name)[len("model.language_model."):] \
-            if disk_name != "thinker.lm_head.weight" else "lm_head.weight"
+        """An on-disk Thinker LM name (bridge table) -> its name in this transformers Thinker."""
+        if disk_name == "thinker.lm_head.weight":
+            return "lm_head.weight"
+        if not disk_name.startswith(_LM_PREFIX):
+            raise ValueError(f"{disk_name!r} is not a Thinker LM tensor")
+        return self.lm_prefix + disk_name[len(_LM_PREFIX):]
 
     def _put_experts(self, put, layer: int, projection: str, full: torch.Tensor, first: int) -> None:
         """Experts [first, first + n) of one layer from our [n, out, in] block (fc1 rows: [gate; up])."""
@@ -178,7 +173,7 @@ class ThinkerWeightSync:
             row, layer = _row_of(name)
             full = _gather(param, tp_group, param.partition_dim, row) if _split(param) else param
             fill = {} if layer is None else {"layer": layer}
-            for disk, piece in zip(row.hf, _to_hf(row, full, self.cfg)):
+            for disk, piece in zip(row.hf, to_hf(row, full, self.cfg)):
                 put(self._lm_name(disk.format(**fill)), piece)
         skipped = tuple(f"{self.tower_prefix}{t}." for t in _TOWERS if t not in towers)
         missing = [n for n, p in self.targets.items()

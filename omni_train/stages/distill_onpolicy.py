@@ -26,13 +26,11 @@ from functools import partial
 
 import torch
 
-from omni_train.metrics import DeviceTimer
 from omni_train.losses.onpolicy import full_vocab_divergence, sampled_token_advantage, sampled_token_loss, token_logprobs
-from omni_train.models.common.attention import document_attention
-from omni_train.stages import Stage
-from omni_train.stages import multimodal_pretrain, text_pretrain
-
-from omni_train.rollout.teacher import TEACHER  # noqa: E402  (the frozen model's name)
+from omni_train.metrics import DeviceTimer
+from omni_train.rollout import model_logits
+from omni_train.rollout.teacher import TEACHER  # the frozen model's name
+from omni_train.stages import Stage, multimodal_pretrain, text_pretrain
 
 TEACHER_TIME = DeviceTimer()  # the teacher's forwards of a step (logged as teacher_time_s)
 
@@ -62,20 +60,6 @@ def build_data(cfg, env):
     return PromptSource(cfg.data, chat_encoder(cfg.data), cfg.stage.rollout.max_prompt_tokens,
                         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
                         text_only=cfg.stage.loss.text_prompts_only or not cfg.model.thinker.towers)
-
-
-def _logits(model, batch, with_media: bool):
-    """A model's logits on a packed rollout micro-batch; a text-only model (an LM) gets 1-D positions."""
-    inner = getattr(model, "module", model)
-    while hasattr(inner, "module") and not hasattr(inner, "prepare_media"):
-        inner = inner.module
-    attention = document_attention(batch)
-    if hasattr(inner, "prepare_media"):
-        media = inner.prepare_media(batch["media"], batch["media_sizes"], batch["input_ids"].device)
-        return model(batch["input_ids"], batch["position_ids"], labels=None, **attention, **media)
-    if with_media and any(v is not None for v in batch["media_sizes"].values()):
-        raise ValueError("a text-only teacher got a prompt with media (stage.loss.text_prompts_only filters them)")
-    return model(batch["input_ids"], batch["position_ids"][0], labels=None, **attention)
 
 
 def _shared(student: torch.Tensor, teacher: torch.Tensor):
@@ -126,9 +110,9 @@ def forward(model, batch, frozen=None, divergence="reverse_kl", beta=0.5, temper
             sampling_temperature=1.0):
     if not frozen or TEACHER not in frozen:
         raise KeyError(f"distill_onpolicy: no frozen model named {TEACHER!r} (stage.frozen_models)")
-    logits = _logits(model, batch, with_media=True)
+    logits = model_logits(model, batch)
     with TEACHER_TIME:
-        teacher_logits = _logits(frozen[TEACHER], batch, with_media=True)
+        teacher_logits = model_logits(frozen[TEACHER], batch)
     return logits, partial(_loss, batch=batch, teacher_logits=teacher_logits, divergence=divergence, beta=beta,
                            temperature=temperature, chunk_tokens=chunk_tokens,
                            sampling_temperature=sampling_temperature)

@@ -24,6 +24,7 @@ from omni_train.export.generate import encode_prompt, generate_ids, generate_tex
 from omni_train.export.hf_io import HFReader
 from omni_train.models.thinker.omni import build_omni_thinker
 from omni_train.models.thinker.hf_config import hf_thinker_config
+from tests.conftest import redraw_weights
 
 PROMPT = "What do you hear and see?"
 NEW_TOKENS = 5
@@ -155,11 +156,7 @@ def test_redrawn_weights_export_exactly(megatron_world1, trained, media, tmp_pat
     run_dir, hf = trained
     encoder = ChatEncoder.from_pretrained(str(hf))
     ours = our_thinker(run_dir, encoder)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name or ".ln_" in name else 0.2 * noise)
+    redraw_weights(ours, 0.2)
     copy = tmp_path / "run" / "redrawn"
     step = copy / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)

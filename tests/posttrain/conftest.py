@@ -48,7 +48,7 @@ def sharp_thinker(posttrain_root, tmp_path_factory):
     from omni_train.models.thinker.hf_config import hf_thinker_config
     from omni_train.models.thinker.omni import build_omni_thinker
     from omni_train.parallel.setup import init_parallel, shutdown_parallel
-    from tests.conftest import free_port
+    from tests.conftest import free_port, redraw_weights
 
     run = tmp_path_factory.mktemp("sharp") / "run"
     cfg = compose(["recipe=tiny/sft", "init_from=null", f"run_dir={run}",
@@ -61,11 +61,7 @@ def sharp_thinker(posttrain_root, tmp_path_factory):
     try:
         model = build_omni_thinker(hf_thinker_config(model_cfg, encoder.ids), model_cfg, ParallelConfig(),
                                    device="cpu", params_dtype=torch.float32)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                noise = torch.randn(p.shape, generator=generator)
-                p.copy_(1.0 + 0.1 * noise if "norm" in name or ".ln_" in name else 0.15 * noise)
+        redraw_weights(model, 0.15)
         step = run / "checkpoints" / "step_00000001"
         step.mkdir(parents=True)
         dist_checkpointing.save({"model": model.sharded_state_dict()}, str(step))

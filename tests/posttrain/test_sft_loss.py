@@ -23,6 +23,7 @@ from omni_train.export.generate import load_export
 from omni_train.models.thinker.hf_config import hf_thinker_config
 from omni_train.models.thinker.omni import build_omni_thinker
 from omni_train.stages.multimodal_pretrain import forward
+from tests.conftest import redraw_weights
 
 
 def _conversations(cfg, encoder, count):
@@ -47,11 +48,7 @@ def test_packed_sft_loss_equals_transformers_per_conversation(megatron_world1, p
     model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ThinkerConfig), cfg.model.thinker))
     ours = build_omni_thinker(hf_thinker_config(model_cfg, encoder.ids), model_cfg, ParallelConfig(), device="cpu",
                               params_dtype=torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # large weights: outputs depend on positions, documents and media
-        for name, p in ours.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name or ".ln_" in name else 0.1 * noise)
+    redraw_weights(ours, 0.1)  # large weights: outputs depend on positions, documents and media
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
     dist_checkpointing.save({"model": ours.sharded_state_dict()}, str(step))

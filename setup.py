@@ -26,6 +26,7 @@ setup(
         "einops>=0.7",
         "av>=12",
         "tqdm>=4.60",
+        "math-verify>=0.9,<0.10",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
     entry_points={"console_scripts": ["omni-train=omni_train.train:main",

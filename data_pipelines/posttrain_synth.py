@@ -5,6 +5,9 @@
 - ``distill``: prompts whose stored ``teacher`` responses come from two teachers in think and no-think
   modes (off-policy distillation trains on them; the sample's own answer is a weaker one).
 - ``caption``: audio in, a long detailed description out (the report's Captioner, section 4.3).
+- ``gspo``: a verifiable toy task for GSPO: "say the digit N" (text, or with an audio clip or a picture
+  beside the words), the reference answer N, scored by ``say_digit_reward`` (a user reward function named
+  by module path in recipes/tiny/gspo.yaml); every fourth sample carries its own reward spec.
 
 Answers follow from the prompt or the media (sums, durations, sizes), so a tiny model can learn them.
 """
@@ -103,3 +106,38 @@ def caption_entry(i: int, rng, src: str) -> Entry:
                f"sounds synthetic and monotone, close to the microphone, in a small quiet room.")
     return {"messages": [_user([{"type": "audio", "audio": name}], CAPTION_PROMPTS[i % 2]),
                          {"role": "assistant", "content": caption}]}, [{**described, "file": name}]
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def gspo_entry(i: int, rng, src: str) -> Entry:
+    digit = int(rng.integers(0, 10))
+    words = f"Say the digit {DIGIT_WORDS[digit]}."
+    shape, media, content = i % 4, [], words
+    if shape == 1:
+        name = f"{i}_speech.flac"
+        media = [{**write_audio(os.path.join(src, name), rng, 1.0, 16000), "file": name}]
+        content = [{"type": "audio", "audio": name}, {"type": "text", "text": words}]
+    elif shape == 2:
+        name = f"{i}_picture.png"
+        media = [{**write_image(os.path.join(src, name), rng, "PNG"), "file": name}]
+        content = [{"type": "image", "image": name}, {"type": "text", "text": words}]
+    entry = {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": f"{digit}"}]}
+    if shape == 3:  # a sample's own reward spec: scored by the built-in normalised match beside the task's
+        entry["reward"] = {"functions": ["data_pipelines.posttrain_synth:say_digit_reward", "normalized_match"],
+                           "weights": {"normalized_match": 0.5}}
+    return entry, media
+
+
+def say_digit_reward(request, **_) -> float:
+    """The toy task's reward, graded so that a tiny random model finds a gradient: 1 when the answer (what
+    follows a think block) is the reference digit alone, 0.5 when the digit appears in it, 0.1 when some
+    other digit does, 0 otherwise."""
+    answer = request.response.split("</think>")[-1].strip().rstrip(".")
+    digit = (request.reference or "").strip()
+    if answer == digit:
+        return 1.0
+    if digit and digit in answer:
+        return 0.5
+    return 0.1 if any(c.isdigit() for c in answer) else 0.0

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from data_pipelines.build import BuildOptions, build
-from data_pipelines.posttrain_synth import caption_entry, distill_entry, sft_entry
+from data_pipelines.posttrain_synth import caption_entry, distill_entry, gspo_entry, sft_entry
 from data_pipelines.sources import ManifestSource
 from data_pipelines.synth import write_audio, write_image, write_video
 
@@ -80,6 +80,7 @@ KINDS: Dict[str, Callable[..., Entry]] = {
     "sft": sft_entry,
     "distill": distill_entry,
     "caption": caption_entry,
+    "gspo": gspo_entry,
 }
 
 

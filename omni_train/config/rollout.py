@@ -41,3 +41,35 @@ class RolloutConfig:
     # The trainer packs the samples whole into its usual micro-batches (trainer.micro_batch_size rows of
     # trainer.seq_length tokens): max_prompt_tokens + sampling.max_new_tokens must fit in seq_length.
     generation_batch: int = 0
+
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+GSPO_LEVELS = ("sequence", "sequence_token", "token")
+OLD_LOGPROBS = ("recompute", "rollout")
+
+
+@dataclass
+class GSPOConfig:
+    """stage.gspo: the policy update of the gspo stage (losses/gspo.py, stages/gspo.py)."""
+
+    # importance ratio: "sequence" (GSPO), "sequence_token" (GSPO-token), "token" (GRPO)
+    level: str = "sequence"
+    epsilon_low: float = 3e-4  # clip range [1 - epsilon_low, 1 + epsilon_high] (the paper's defaults)
+    epsilon_high: float = 4e-4
+    # optimizer steps per rollout batch: its samples split into this many mini-batches (the paper: 4)
+    minibatches: int = 4
+    # the old policy's log-probabilities: "recompute" (the trainer's, before the batch's first update: the
+    # first mini-batch's ratio is exactly 1) or "rollout" (the engine's, which also corrects the
+    # rollout-vs-trainer mismatch)
+    old_logprobs: str = "recompute"
+    # advantage = (reward - group mean) / (std + advantage_eps): std of the "group", of the "batch", or
+    # "none" (no division: Dr. GRPO)
+    advantage_scale: str = "group"
+    advantage_eps: float = 1e-4
+    # KL to the frozen model named "reference" (k3 estimator), weighted by beta; 0: off, no reference needed
+    beta: float = 0.0
+    kl_bias_correction: bool = True  # the KL term weighted by the ratio (trl's use_bias_correction_kl)
+    # groups whose rewards are all equal carry no signal: counted always; with dynamic_sampling, more
+    # prompts are drawn (at most max_refills more rounds per step) until every group of the batch has signal
+    dynamic_sampling: bool = False
+    max_refills: int = 2

@@ -11,7 +11,8 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from omni_train.config.rollout import RolloutConfig
+from omni_train.config.rewards import RewardsConfig
+from omni_train.config.rollout import GSPOConfig, RolloutConfig
 from omni_train.config.talker import TalkerConfig
 
 
@@ -331,6 +332,9 @@ class StageConfig:
     loss: StageLossConfig = field(default_factory=StageLossConfig)
     # stages driven by the rollout loop (stage.loop=rollout): how responses are sampled (config/rollout.py)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # gspo: the policy update (config/rollout.py) and how samples are scored (config/rewards.py)
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
 
 @dataclass

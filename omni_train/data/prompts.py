@@ -34,17 +34,24 @@ class Prompt:
     media: List[MediaItem]
     reference: Optional[str] = None  # the removed final assistant turn's answer text (reasoning split off)
     meta: Dict[str, Any] = field(default_factory=dict)  # the sample's other JSON fields (e.g. reward specs)
+    question: str = ""  # the text of the last user turn (what a reward judge is shown)
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
 
-def _reference(message: Dict[str, Any]) -> Optional[str]:
+def _text(message: Dict[str, Any]) -> Optional[str]:
+    """A message's text (its text parts joined), None when it has none."""
     content = message.get("content")
     if isinstance(content, list):
         content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-    if not isinstance(content, str):
+    return content if isinstance(content, str) else None
+
+
+def _reference(message: Dict[str, Any]) -> Optional[str]:
+    content = _text(message)
+    if content is None:
         return None
     return split_reasoning(dict(message, content=content))[1].strip()
 
@@ -73,7 +80,8 @@ def encode_prompt(sample: Dict[str, Any], encoder: ChatEncoder, max_prompt_token
         raise SampleError(key, encoded.media[0].name, "a prompt with media, and only text prompts are taken "
                                                       "(stage.loss.text_prompts_only: the teacher reads text only)")
     meta = {k: v for k, v in sample.items() if not k.startswith("__") and k not in (*_CONVERSATION_KEYS, "media")}
-    return Prompt(key, encoded.input_ids, encoded.position_ids, encoded.media, reference, meta)
+    question = _text(next(m for m in reversed(messages) if m.get("role") == "user")) or ""
+    return Prompt(key, encoded.input_ids, encoded.position_ids, encoded.media, reference, meta, question)
 
 
 def _transform(raw: Dict[str, Any], encoder: ChatEncoder, video_fps: float, max_prompt_tokens: int,

@@ -46,7 +46,7 @@ def check_stage(cfg) -> None:
 
 
 # stages whose batches the rollout loop samples from the policy (and that only it can drive)
-ROLLOUT_STAGES = ("distill_onpolicy",)
+ROLLOUT_STAGES = ("distill_onpolicy", "gspo")
 
 
 def check_rollout(cfg) -> None:
@@ -87,6 +87,46 @@ def check_rollout(cfg) -> None:
         raise ConfigError("data.name", f"{code} reads its prompts from shards (data=shards), not {cfg.data.name!r}")
     if code == "distill_onpolicy":
         check_teacher(cfg)
+    if code == "gspo":
+        check_gspo(cfg)
+
+
+def check_gspo(cfg) -> None:
+    """GSPO's update and reward settings (ConfigError naming the key), before anything is built."""
+    from omni_train.config.rollout import ADVANTAGE_SCALES, GSPO_LEVELS, OLD_LOGPROBS
+    from omni_train.rewards import Rewarder
+
+    g, rollout = cfg.stage.gspo, cfg.stage.rollout
+    for key, value, allowed in (("level", g.level, GSPO_LEVELS), ("old_logprobs", g.old_logprobs, OLD_LOGPROBS),
+                                ("advantage_scale", g.advantage_scale, ADVANTAGE_SCALES)):
+        if value not in allowed:
+            raise ConfigError(f"stage.gspo.{key}", f"{value!r}, expected one of {', '.join(allowed)}")
+    for key in ("epsilon_low", "epsilon_high", "beta", "advantage_eps"):
+        if getattr(g, key) < 0:
+            raise ConfigError(f"stage.gspo.{key}", f"{getattr(g, key)} < 0")
+    if g.epsilon_low >= 1:
+        raise ConfigError("stage.gspo.epsilon_low", f"{g.epsilon_low}: the clip range's lower end 1 - epsilon_low "
+                                                    "must stay above 0")
+    if rollout.sampling.n < 2:
+        raise ConfigError("stage.rollout.sampling.n", f"{rollout.sampling.n}: a group needs at least 2 responses "
+                                                      "to normalise rewards within it")
+    per_rank = rollout.prompts_per_step * rollout.sampling.n
+    if not 1 <= g.minibatches <= per_rank:
+        raise ConfigError("stage.gspo.minibatches", f"{g.minibatches}: need 1 .. prompts_per_step x n = {per_rank}")
+    if g.max_refills < 0:
+        raise ConfigError("stage.gspo.max_refills", f"{g.max_refills} < 0")
+    if cfg.parallel.cp > 1:
+        raise ConfigError("parallel.cp", f"{cfg.parallel.cp}: GSPO's sequence-level ratio needs each response whole "
+                                         "on one rank (context parallelism splits it)")
+    names = [spec.name for spec in cfg.stage.frozen_models]
+    if g.beta > 0 and "reference" not in names:
+        raise ConfigError("stage.gspo.beta", f"{g.beta} > 0 needs a frozen model named 'reference' "
+                                             "(stage.frozen_models), e.g. {name: reference, source: init}")
+    try:
+        Rewarder.check(cfg.stage.rewards)
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message) from None
 
 
 def run_stage(cfg: TrainConfig, env) -> None:

@@ -81,8 +81,19 @@ class SupervisedLoop:
         know of the step), while the update already runs; it then goes on to launch the next step, whose
         forward queues up behind the update."""
         self._connect_schedule()
-        session, trainer = self.session, self.cfg.trainer
         micro = [self._prepare(batch) for batch in self.next_microbatches()]
+        # The LR of step s+1 (1-based) applies to this update; the schedule ends at max_steps.
+        self.session.scheduler.step(increment=1)
+        values = self.update(micro)
+        self.state.step += 1
+        self.state.consumed_samples += self.samples_per_step()
+        self.session.throughput.add(self.tokens_per_step(micro))
+        return values
+
+    def update(self, micro) -> Dict[str, float]:
+        """Forward, backward and one optimizer update over ``micro`` (this rank's prepared micro-batches;
+        every rank of a data-parallel group passes as many): the loss report's means, lr and grad_norm."""
+        trainer = self.cfg.trainer
         batches = iter(micro)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -91,8 +102,6 @@ class SupervisedLoop:
             num_microbatches=len(micro), seq_length=trainer.seq_length,
             micro_batch_size=trainer.micro_batch_size, forward_only=False,
         )
-        # The LR of step s+1 (1-based) applies to this update; the schedule ends at max_steps.
-        session.scheduler.step(increment=1)
         # The grads are still sums over target tokens: the division and the clipping happen inside AdamW.
         overflow = self.optimizer.prepare_grads()  # True only for fp16 loss scaling that overflowed
         norm = grad_norm(self.optimizer, self.grad_scaling)
@@ -120,9 +129,6 @@ class SupervisedLoop:
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float("nan") if skip else norm_value,
         }
-        self.state.step += 1
-        self.state.consumed_samples += self.samples_per_step()
-        session.throughput.add(self.tokens_per_step(micro))
         return values
 
     # ---- what a loop that makes its own batches replaces (loops/rollout.py) ----------------------------

@@ -16,14 +16,15 @@ for greedy decoding), before top-k / top-p truncation: what the trainer recomput
 (loops/rollout.py logs the difference every step).
 
 Backends: ``hf`` (rollout/hf.py: transformers' Thinker in this process, CPU and GPU, every modality) and
-``megatron`` (megatron-core's inference engine over the trained model itself, GPU only: rollout/megatron.py
-where built). Sampling is seeded: the same prompts, weights and seed give the same samples.
+``megatron`` (rollout/megatron.py: megatron-core's static inference path over the trained model itself, no
+weight copy; text prompts, tp = pp = cp = ep = 1). Sampling is seeded: the same prompts, weights and seed
+give the same samples.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -46,6 +47,21 @@ class Sample:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(f"sample of {self.prompt.key}: {len(self.token_ids)} tokens, "
                              f"{len(self.logprobs)} log-probabilities")
+
+
+@dataclass
+class RolloutPlan:
+    """What a stage makes of a step's samples (``Stage.plan_rollout``, loops/rollout.py): the mini-batches to update on, in
+    order (one optimizer update each; the default is one of all the samples), the per-sample ``extra``
+    fields the micro-batches carry, and values to log."""
+
+    minibatches: List[List[Sample]]
+    # sample.extra fields the micro-batches carry (a mini-batch carries those all its samples have)
+    fields: Tuple[str, ...] = ()
+    values: Dict[str, float] = field(default_factory=dict)
+    # report names logged from the first update only (what the policy looked like before this step's
+    # updates), the others averaged over the updates (``*_max``: their largest)
+    first_only: Tuple[str, ...] = ()
 
 
 def sampling_seed(base: int, step: int, dp_rank: int) -> int:
@@ -76,7 +92,9 @@ def build_engine(backend: str, model_cfg, encoder, device, dtype, generation_bat
 
         return HFRolloutEngine(model_cfg, encoder, device, dtype, generation_batch)
     if backend == "megatron":
-        raise NotImplementedError("stage.rollout.backend=megatron is not built yet; use backend=hf")
+        from omni_train.rollout.megatron import MegatronRolloutEngine
+
+        return MegatronRolloutEngine(model_cfg, encoder, device, dtype, generation_batch)
     raise ValueError(f"stage.rollout.backend: {backend!r}, expected one of {', '.join(BACKENDS)}")
 
 
@@ -108,5 +126,5 @@ def stop_ids(encoder, sampling: SamplingConfig) -> List[int]:
     return ids + [int(i) for i in sampling.stop_ids if int(i) not in ids]
 
 
-__all__ = ["FINISH_REASONS", "Prompt", "Sample", "build_engine", "check_sampling", "model_logits", "sampling_seed",
+__all__ = ["FINISH_REASONS", "Prompt", "RolloutPlan", "Sample", "build_engine", "check_sampling", "model_logits", "sampling_seed",
            "stop_ids"]

@@ -21,6 +21,7 @@ STAGES = {
     "multimodal_pretrain": "omni_train.stages.multimodal_pretrain",
     "distill_offpolicy": "omni_train.stages.distill_offpolicy",
     "distill_onpolicy": "omni_train.stages.distill_onpolicy",
+    "gspo": "omni_train.stages.gspo",
 }
 
 
@@ -42,6 +43,9 @@ class Stage:
     # regions of the forward the stage times (metrics.DeviceTimer, e.g. a teacher's forward), logged by the
     # loop as "<name>_time_s" per step
     timers: Dict[str, Any] = field(default_factory=dict)
+    # rollout loop only: (loop, this rank's samples of the step) -> loops.rollout.RolloutPlan (scores, the
+    # mini-batches to update on, the fields their micro-batches carry); None: one update on all samples
+    plan_rollout: Optional[Callable[..., Any]] = None
 
     def forward_options(self, cfg) -> Dict[str, Any]:
         return self.options(cfg) if self.options is not None else {}

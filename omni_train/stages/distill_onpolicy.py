@@ -75,6 +75,19 @@ def _shared(student: torch.Tensor, teacher: torch.Tensor):
     return student[..., :shared], teacher[..., :shared]
 
 
+def mismatch_report(trainer: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor):
+    """The trainer's vs the rollout's log-probabilities of the sampled tokens [B, L] where ``mask``: mean and
+    max |difference| and the k3 estimate of KL(rollout || trainer) they imply, E[exp(d) - d - 1] with
+    d = trainer - rollout (LossReport entries)."""
+    count = mask.sum().float()
+    diff = (trainer.detach() - rollout).masked_fill(~mask, 0.0)
+    return {
+        "logprob_mismatch": torch.stack([diff.abs().sum(), count]),
+        "logprob_mismatch_max": torch.stack([diff.abs().max(), torch.ones_like(count)]),
+        "mismatch_kl": torch.stack([(torch.expm1(diff) - diff).masked_fill(~mask, 0.0).sum(), count]),
+    }
+
+
 def _loss(logits, batch, teacher_logits, divergence, beta, temperature, chunk_tokens, sampling_temperature):
     mask = batch["loss_mask"] > 0
     count = mask.sum().float()
@@ -82,13 +95,7 @@ def _loss(logits, batch, teacher_logits, divergence, beta, temperature, chunk_to
     student, teacher = _shared(logits, teacher_logits)
     # the trainer's log-probabilities of the sampled tokens, at the rollout's temperature: mismatch
     trainer = token_logprobs(logits, labels, temperature=sampling_temperature if sampling_temperature > 0 else 1.0)
-    diff = (trainer.detach() - batch["rollout_logprobs"]).masked_fill(~mask, 0.0)
-    report = {
-        "logprob_mismatch": torch.stack([diff.abs().sum(), count]),
-        "logprob_mismatch_max": torch.stack([diff.abs().max(), torch.ones_like(count)]),
-        # k3 estimate of KL(rollout || trainer) from tokens the rollout sampled: E[exp(d) - d - 1], d = trainer - rollout
-        "mismatch_kl": torch.stack([(torch.expm1(diff) - diff).masked_fill(~mask, 0.0).sum(), count]),
-    }
+    report = mismatch_report(trainer, batch["rollout_logprobs"], mask)
     if divergence == "sampled_token":
         student_lp = token_logprobs(student, labels, temperature=temperature)
         teacher_lp = token_logprobs(teacher, labels, temperature=temperature)

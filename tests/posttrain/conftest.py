@@ -5,12 +5,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def posttrain_root(tmp_path_factory):
-    """`omni-data synth-suite` of the post-training kinds once: ROOT/sft, ROOT/distill, ROOT/caption and
+    """`omni-data synth-suite` of the post-training kinds once: ROOT/sft, ROOT/distill, ROOT/caption, ROOT/gspo and
     ROOT/tokenizer (byte-level BPE with Qwen's special tokens, <think> and </think>)."""
     from data_pipelines.pretrain_synth import synth_suite
 
     root = tmp_path_factory.mktemp("posttrain")
-    synth_suite(str(root), {"sft": 12, "distill": 9, "caption": 4})
+    synth_suite(str(root), {"sft": 12, "distill": 9, "caption": 4, "gspo": 16})
     return root
 
 

@@ -14,7 +14,7 @@ LAYERS = [
     ("omni_train.config", "omni_train.kernels", "omni_train.compat"),
     ("omni_train.parallel", "omni_train.metrics", "omni_train.resilience"),
     ("omni_train.models",),
-    ("omni_train.data", "omni_train.losses"),
+    ("omni_train.data", "omni_train.losses", "omni_train.rewards"),
     ("omni_train.checkpoint", "omni_train.planning"),
     ("omni_train.stages", "omni_train.export", "omni_train.frozen", "omni_train.rollout"),
     ("omni_train.session", "omni_train.loops"),

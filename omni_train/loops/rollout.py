@@ -137,6 +137,7 @@ class RolloutLoop(SupervisedLoop):
         self._generate_s = 0.0
         self._lengths: List[int] = []
         self._truncated = 0
+        self._prompt_kinds: Dict[str, int] = {}
 
     def share(self, obj):
         """The tensor-parallel group's first rank's ``obj`` (samples, rewards), on every rank of the group."""
@@ -152,6 +153,9 @@ class RolloutLoop(SupervisedLoop):
         (round r > 0: a stage's extra draw within a step, seeded apart from the first)."""
         rollout = self.cfg.stage.rollout
         prompts = self.session.data.next_prompts(count)
+        for prompt in prompts:
+            for kind in {m.kind for m in prompt.media} or {"text"}:
+                self._prompt_kinds[kind] = self._prompt_kinds.get(kind, 0) + 1
         start = time.perf_counter()
         samples = None
         if parallel_state.get_tensor_model_parallel_rank() == 0:
@@ -214,7 +218,7 @@ class RolloutLoop(SupervisedLoop):
         timers = self.session.stage.timers
         for timer in timers.values():
             timer.reset()
-        self._generate_s, self._lengths, self._truncated = 0.0, [], 0
+        self._generate_s, self._lengths, self._truncated, self._prompt_kinds = 0.0, [], 0, {}
         sync = self.engine.sync(self.model)
         samples = self.sample(self.prompts_per_rank)
         plan_start, generated = time.perf_counter(), self._generate_s
@@ -246,6 +250,9 @@ class RolloutLoop(SupervisedLoop):
             "rollout_tokens_per_s": sum(self._lengths) / max(generate, 1e-9),
             "response_length": float(np.mean(lengths)),
             "response_truncated": self._truncated / max(len(self._lengths), 1),
+            # this rank's prompts of the step by what they hold besides text (a prompt with audio and an
+            # image counts for both; "text": no media)
+            **{f"prompts_{kind}": float(n) for kind, n in sorted(self._prompt_kinds.items())},
         }
         # the step's time split: sync, generate, the stage's planning (rewards, old log-probabilities), its
         # timed regions (a teacher's or reference's forwards), the rest of the updates

@@ -144,3 +144,21 @@ def test_onpolicy_recipe_counts_the_teacher_and_the_rollout_engine(capsys):
         assert re.search(rf"{term}\s+[\d.]+ GB", out), term
     total = float(re.search(r"total\s+([\d.]+) GB", out).group(1))
     assert 80 < total <= 141, total
+
+
+def test_gspo_recipe_counts_the_rollout_engine_and_checks_its_rewards(capsys):
+    """GSPO with the towers (multimodal prompts; tp = 1, ep = 8), no reference model (beta 0, the paper's
+    setting), rule rewards and an OpenAI-protocol judge: the recipe passes the stage checks (reward names,
+    judge settings) and the dry run counts the hf engine's policy copy and KV cache; the rank fits an H200."""
+    from omni_train.loops import check_stage
+
+    cfg = OmegaConf.to_object(_compose("gspo"))
+    check_stage(cfg)
+    assert cfg.stage.loop == "rollout" and cfg.model.thinker.towers and cfg.stage.gspo.beta == 0
+    assert not cfg.stage.frozen_models and cfg.stage.rewards.judge.backend == "openai"
+    assert print_dry_run(cfg, 64)
+    out = capsys.readouterr().out
+    for term in ("rollout policy copy", "rollout KV cache"):
+        assert re.search(rf"{term}\s+[\d.]+ GB", out), term
+    total = float(re.search(r"total\s+([\d.]+) GB", out).group(1))
+    assert 80 < total <= 141, total

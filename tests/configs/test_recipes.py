@@ -66,9 +66,9 @@ def test_every_full_scale_recipe_has_its_dry_run_checked():
     (print_dry_run: parameter counts, memory estimate) tests/configs/test_30b_recipes.py checks."""
     from tests.configs.test_30b_recipes import RECIPES as DRY_RUN_CHECKED
 
-    # distill_onpolicy (the LM alone, a teacher and a rollout engine beside it) has its own dry-run test there
+    # distill_onpolicy and gspo (a rollout engine beside the policy) have their own dry-run tests there
     full_scale = {r for r in RECIPES if compose([f"recipe={r}"]).dry_run_world_size}
-    assert full_scale == {f"qwen3_omni_30b_a3b/{r}" for r in [*DRY_RUN_CHECKED, "distill_onpolicy"]}
+    assert full_scale == {f"qwen3_omni_30b_a3b/{r}" for r in [*DRY_RUN_CHECKED, "distill_onpolicy", "gspo"]}
 
 
 @pytest.mark.parametrize("group,option", GROUPS)

@@ -1,6 +1,6 @@
 """The tiny pipeline through the real CLI, shortened: synthetic data made on first use, S1 audio -> S1 vision
--> S2 (interrupted, then resumed by rerunning the command) -> S3 -> SFT -> off-policy distillation -> export
--> generation.
+-> S2 (interrupted, then resumed by rerunning the command) -> S3 -> SFT -> off-policy distillation ->
+on-policy distillation -> GSPO -> export -> generation.
 
 Checks each stage's hand-off, its loss falling, per-modality losses adding up to the loss, the S2/S3
 mixtures following their token weights, the skip/resume of a partly finished pipeline, and that the
@@ -24,6 +24,7 @@ STAGES = {
     "sft": ["trainer.max_steps=3"],
     "distill_offpolicy": ["trainer.max_steps=3"],
     "distill_onpolicy": ["trainer.max_steps=3", "stage.rollout.sampling.max_new_tokens=8"],
+    "gspo": ["trainer.max_steps=3", "stage.rollout.prompts_per_step=2"],
 }
 SHARED = ["trainer.global_batch_size=2", "trainer.micro_batch_size=1", "optim.warmup_steps=1",
           "checkpoint.save_every=2", "pipeline.synth_samples=6", "pipeline.max_new_tokens=4"]
@@ -72,7 +73,8 @@ def test_pipeline_hand_off_resume_export(tmp_path):
                "long_context": "general_pretrain/checkpoints/step_00000005",
                "sft": "long_context/checkpoints/step_00000003",
                "distill_offpolicy": "sft/checkpoints/step_00000003",
-               "distill_onpolicy": "distill_offpolicy/checkpoints/step_00000003"}
+               "distill_onpolicy": "distill_offpolicy/checkpoints/step_00000003",
+               "gspo": "distill_onpolicy/checkpoints/step_00000003"}
     logs = first.stdout + out
     for stage, source in handoff.items():
         assert f"initialised model weights from runs/tiny_pretrain/{source}" in logs, stage
@@ -81,7 +83,11 @@ def test_pipeline_hand_off_resume_export(tmp_path):
     assert "frozen model 'teacher' from stage:sft" in out
     for r in onpolicy.values():
         assert r["kl_teacher"] > 0 and r["logprob_mismatch_max"] < 1e-4 and r["response_length"] > 0
-    for stage in [s for s in STAGES if s != "distill_onpolicy"]:
+    gspo = metrics(root / "gspo")  # its own samples, scored by the toy task's reward
+    for r in gspo.values():
+        assert r["ratio_first"] == 1.0 and r["logprob_mismatch_max"] < 1e-4 and r["reward_failed"] == 0
+        assert 0 <= r["reward"] <= 1 and r["updates"] == 2
+    for stage in [s for s in STAGES if s not in ("distill_onpolicy", "gspo")]:
         records = metrics(root / stage)
         assert _falls(records), (stage, {s: r["loss"] for s, r in records.items()})
         for r in records.values():  # per-modality losses: a token-weighted split of the loss
@@ -100,7 +106,7 @@ def test_pipeline_hand_off_resume_export(tmp_path):
         assert last[f"data_share_{i}_{name}"] == pytest.approx(w / total, abs=0.08), name
 
     export = root / "export"
-    assert f"exported runs/tiny_pretrain/distill_onpolicy/checkpoints/step_00000003 -> {export.relative_to(tmp_path)}" \
+    assert f"exported runs/tiny_pretrain/gspo/checkpoints/step_00000003 -> {export.relative_to(tmp_path)}" \
         in out
     assert "assistant:" in out
     config = json.loads((export / "config.json").read_text())

@@ -44,6 +44,8 @@ def test_reward_rises_and_a_resumed_run_repeats_it(posttrain_root, offpolicy_run
         assert record[REWARD] == record["reward"]  # one reward function
         assert 0 < record["response_length"] <= 3 and record["rollout_tokens_per_s"] > 0
     assert any(record["ratio"] != 1.0 for record in straight.values())  # the second update moved off 1
+    for kind in ("text", "audio", "image"):  # the same task asked beside an audio clip or a picture
+        assert sum(record.get(f"prompts_{kind}", 0) for record in straight.values()) > 0, kind
     _rerun_from(run_dir, 8)
     omni_train(overrides)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -71,7 +73,8 @@ def test_a_failing_judge_is_counted_never_scored(posttrain_root, judge_dir, tmp_
         judge = ["stage.rewards.functions=[]", "stage.rewards.judge.backend=openai",
                  f"stage.rewards.judge.url={server.url}", "stage.rewards.judge.model=judge",
                  "stage.rewards.judge.timeout_s=0.25", "stage.rewards.judge.retries=1",
-                 "stage.rewards.judge.backoff_s=0.05", "trainer.max_steps=2", "checkpoint.save_every=10"]
+                 "stage.rewards.judge.backoff_s=0.05", "trainer.max_steps=2", "checkpoint.save_every=10",
+                 "stage.rollout.prompts_per_step=4", "trainer.global_batch_size=4"]
         run_dir = tmp_path / "judged"
         omni_train(_overrides(posttrain_root, run_dir, "null", *judge, "stage.rewards.max_failure_rate=0.9"))
         records = metrics(run_dir)

@@ -10,6 +10,9 @@
 #   bash benchmarks/arch_check.sh talker    # Talker training throughput at release width, ours vs transformers
 #   bash benchmarks/arch_check.sh rollout   # on-policy distillation: rollout engine vs transformers' generate,
 #                                          # and the real loop's step split (.whl/ only)
+#   bash benchmarks/arch_check.sh rollout megatron --new-tokens 256 --samples 160
+#                                          # the megatron backend beside the hf engine and transformers'
+#                                          # generate on text prompts (rollout_throughput.py part 3)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -51,7 +54,8 @@ case "${1:-proxy}" in
     mkdir -p "$OUT/sft_logs" && cp /tmp/sft_throughput/*.log "$OUT/sft_logs/"
     ;;
   rollout)
-    timeout 585 python3 benchmarks/rollout_throughput.py --json "$OUT/rollout_throughput.json" ${2:+--parts $2} 2>&1 | tail -n 80
+    timeout 585 python3 benchmarks/rollout_throughput.py --json "$OUT/rollout_throughput.json" ${2:+--parts $2} "${@:3}" \
+      2>&1 | tail -n 80
     ;;
   talker)
     python3 benchmarks/talker_throughput.py --json "$OUT/talker_throughput.json" --log-dir "$OUT/talker_logs"

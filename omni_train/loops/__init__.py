@@ -66,8 +66,16 @@ def check_rollout(cfg) -> None:
     if rollout.backend not in BACKENDS:
         raise ConfigError("stage.rollout.backend", f"{rollout.backend!r}, expected one of {', '.join(BACKENDS)}")
     if rollout.backend == "megatron":
-        raise ConfigError("stage.rollout.backend", "megatron-core's inference engine backend is not built yet "
-                                                   "(docs/posttraining.md); use backend=hf")
+        # rollout/megatron.py: the trained model decodes itself (megatron-core's static KV cache), text only
+        for name in ("tp", "pp", "cp", "ep"):
+            if getattr(cfg.parallel, name) > 1:
+                raise ConfigError(f"parallel.{name}", f"{getattr(cfg.parallel, name)}: stage.rollout.backend=megatron "
+                                                      "decodes with the whole model on each rank (tp = pp = cp = ep "
+                                                      "= 1; data parallel only); use backend=hf")
+        if not stage.loss.text_prompts_only and cfg.model.thinker.towers:
+            raise ConfigError("stage.loss.text_prompts_only", "stage.rollout.backend=megatron answers text prompts "
+                                                              "only: set it true (prompts with media are skipped and "
+                                                              "counted) or use backend=hf")
     for key in ("prompts_per_step", "max_prompt_tokens"):
         if getattr(rollout, key) < 1:
             raise ConfigError(f"stage.rollout.{key}", f"{getattr(rollout, key)}, must be >= 1")

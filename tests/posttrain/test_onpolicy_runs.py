@@ -45,6 +45,21 @@ def test_kl_to_the_teacher_falls_and_a_resumed_run_repeats_it(posttrain_root, of
             assert again[key] == first[key], (first["step"], key)
 
 
+def test_megatron_backend_trains_on_its_own_samples(posttrain_root, sharp_thinker, tmp_path):
+    """backend=megatron: the trained model decodes its own samples (megatron-core's KV cache, no copy), text
+    prompts only (media prompts skipped and counted); the trainer's log-probabilities equal the engine's."""
+    _, teacher = sharp_thinker
+    run_dir = tmp_path / "megatron"
+    omni_train(_overrides(posttrain_root, teacher, run_dir, "stage.rollout.backend=megatron",
+                          "stage.loss.text_prompts_only=true", "trainer.max_steps=2", "checkpoint.save_every=10"))
+    records = metrics(run_dir)
+    for record in records.values():
+        assert record["logprob_mismatch_max"] < 1e-4 and record["response_length"] > 0
+        assert record["rollout_sync_ms"] < 5  # nothing is copied
+        assert record.get("prompts_text", 0) > 0 and "prompts_audio" not in record and "prompts_image" not in record
+    assert records[2]["prompts_skipped"] > 0  # the media prompts of the SFT set
+
+
 def _check(overrides):
     check_stage(compose(overrides))
 
@@ -60,6 +75,8 @@ def test_recipe_errors_name_the_key(posttrain_root, sharp_thinker, tmp_path):
         (["stage.rollout.sampling.top_p=0"], "stage.rollout.sampling.top_p"),
         (["stage.rollout.prompts_per_step=0"], "stage.rollout.prompts_per_step"),
         (["stage.loop=supervised"], "stage.loop"),
+        (["stage.rollout.backend=megatron"], "stage.loss.text_prompts_only"),  # it answers text only
+        (["stage.rollout.backend=megatron", "stage.loss.text_prompts_only=true", "parallel.ep=2"], "parallel.ep"),
     ]
     for extra, key in cases:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

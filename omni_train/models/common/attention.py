@@ -73,11 +73,17 @@ class SDPAttention(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> torch.Tensor:
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        if mask_type != AttnMaskType.causal:
+        cp = self.cp_group is not None and self.cp_group.size() > 1
+        if mask_type == AttnMaskType.no_mask:
+            # megatron's static inference (rollout/megatron.py) after the prompt: the queries are the newest
+            # token(s), the keys the whole KV cache; unmasked only for one query token (it sees every key)
+            if cp or packed_seq_params is not None or (attention_mask is None and query.shape[0] != 1):
+                raise NotImplementedError("SDPAttention: no_mask only for one decoded token or with an explicit "
+                                          "attention_mask, at cp = 1, unpacked")
+        elif mask_type != AttnMaskType.causal:
             raise NotImplementedError(f"SDPAttention computes causal attention only, got {mask_type}")
         if attention_bias is not None:
             raise NotImplementedError("SDPAttention does not support attention_bias")
-        cp = self.cp_group is not None and self.cp_group.size() > 1
         if packed_seq_params is not None:
             return self._attend_packed(query, key, value, packed_seq_params, cp)
         sq, b = query.shape[:2]
@@ -86,7 +92,7 @@ class SDPAttention(MegatronModule):
         if attention_mask is not None:
             context = self._attend_masked(q, key, value, attention_mask, cp)
         elif not cp:
-            context = self._attend(q, k, v, is_causal=True)
+            context = self._attend(q, k, v, is_causal=mask_type == AttnMaskType.causal)
         else:
             context = self._attend_context_parallel(q, key, value)
         # [b, np, sq, hn] -> [sq, b, np * hn]

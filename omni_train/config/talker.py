@@ -173,6 +173,40 @@ def talker_config_problems(cfg) -> List[Tuple[str, str]]:
     return problems
 
 
+# Tensor-parallel splits of the backbone (heads and query groups, expert and shared-expert FFN, codec vocabulary).
+TP_SPLIT_SIZES = ("num_attention_heads", "num_query_groups", "moe_ffn_hidden_size", "shared_expert_ffn_hidden_size",
+                  "codec_vocab_size")
+
+
+def talker_layout_problems(cfg, parallel) -> List[Tuple[str, str]]:
+    """(key, problem) for every way the layout ``parallel`` (a ParallelConfig or its DictConfig: tp, pp, cp, ep,
+    sequence_parallel, token_dispatcher) cannot run the Talker ``cfg``; keys are ``parallel.<name>``.
+    Supported: tp (with sequence parallelism), pp and ep dividing the sizes; cp = 1 (models/talker/model.py
+    says how). ``build_talker`` raises on the first; config/validate.py can report it by key."""
+    tp, pp, cp, ep, sp = parallel.tp, parallel.pp, parallel.cp, parallel.ep, parallel.sequence_parallel
+    rules = [
+        ("parallel.cp", cp == 1,
+         f"the Talker runs at cp=1 only, got cp={cp}: it builds each conversation's sequence whole and the code "
+         "predictor reads the backbone's states at frame positions anywhere in it (no context-parallel split)"),
+        ("parallel.sequence_parallel", sp or tp == 1,
+         f"tp={tp} needs sequence_parallel=true: megatron-core refuses MoE layers under tensor parallelism "
+         "without it when training"),
+        ("parallel.sequence_parallel", not sp or tp > 1, "needs tp > 1"),
+        ("parallel.pp", cfg.num_layers % pp == 0,
+         f"model.talker.num_layers={cfg.num_layers} is not divisible by pp={pp}"),
+        ("parallel.token_dispatcher", pp == 1 or parallel.token_dispatcher == "alltoall",
+         f"pp={pp} sends each batch's own sequence length between stages, which megatron-core's "
+         f"{parallel.token_dispatcher!r} dispatcher refuses: use alltoall"),
+    ]
+    problems = [(key, problem) for key, ok, problem in rules if not ok]
+    for name in TP_SPLIT_SIZES:
+        if _get(cfg, name) % tp:
+            problems.append(("parallel.tp", f"model.talker.{name}={_get(cfg, name)} is not divisible by tp={tp}"))
+    if cfg.num_experts % ep:
+        problems.append(("parallel.ep", f"model.talker.num_experts={cfg.num_experts} is not divisible by ep={ep}"))
+    return problems
+
+
 def check_talker_config(cfg: TalkerConfig) -> None:
     """Raise ValueError naming the first field that cannot build a Talker."""
     problems = talker_config_problems(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from omni_train.config.compose import ConfigError
-from omni_train.config.talker import talker_config_problems
+from omni_train.config.talker import talker_config_problems, talker_layout_problems
 
 CHOICES = {
     "parallel.token_dispatcher": ("alltoall", "allgather"),
@@ -165,8 +165,8 @@ TALKER_CHOICES = {"load_balancing": ("aux_loss", "expert_bias"), "experts_impl":
 
 def _check_talker(cfg: DictConfig) -> None:
     """model.talker (when set): its own consistency (config/talker.py), its fit to the Thinker that
-    conditions it, and the layout it takes: tp = pp = cp = 1, no sequence parallelism (it builds its
-    sequences and the code predictor's inputs on the full sequence), experts divisible by ep."""
+    conditions it, and the layout it takes (config/talker.py ``talker_layout_problems``: tp with sequence
+    parallelism, pp and ep dividing its sizes; cp = 1)."""
     talker, thinker, par = cfg.model.talker, cfg.model.thinker, cfg.parallel
     if talker is None:
         return
@@ -185,13 +185,10 @@ def _check_talker(cfg: DictConfig) -> None:
     for name, value in talker.text.items():
         _require(0 <= value < thinker.vocab_size, f"model.talker.text.{name}",
                  f"{value} is not a Thinker token id (model.thinker.vocab_size={thinker.vocab_size})")
-    for name in ("tp", "pp", "cp"):
-        _require(par[name] == 1, f"parallel.{name}",
-                 f"model.talker needs {name}=1 (the Talker builds its sequences on the full sequence), got {par[name]}")
-    _require(not par.sequence_parallel, "parallel.sequence_parallel",
-             "model.talker does not support sequence parallelism")
-    _require(talker.num_experts % par.ep == 0, "parallel.ep",
-             f"model.talker.num_experts={talker.num_experts} is not divisible by ep={par.ep}")
+    layout = talker_layout_problems(talker, par)
+    if layout:
+        key, problem = layout[0]
+        raise ConfigError(key, problem)
     # Until a registered stage builds the Talker, a run would train the Thinker and silently carry this
     # section into its checkpoints and export; the dry run already plans the Talker's training.
     _require(cfg.dry_run, "model.talker", "no stage trains the Talker yet (its stages come with issue 17); "

@@ -82,6 +82,7 @@ def build_transformer_config(cfg: TalkerConfig, parallel_cfg: ParallelConfig, *,
         expert_model_parallel_size=parallel_cfg.ep,
         context_parallel_size=parallel_cfg.cp,
         sequence_parallel=parallel_cfg.sequence_parallel,
+        variable_seq_lengths=parallel_cfg.pp > 1,  # each batch's longest conversation sets the sent shape
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -105,17 +106,22 @@ class TalkerGPTModel(ThinkerGPTModel):
                             rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params)
 
     def codec_embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of the codec embedding (any id shape -> [..., H]), summed over tensor-parallel vocabulary
-        shards; never scattered to sequence-parallel ranks (callers add them to other inputs first)."""
-        table = self.embedding.word_embeddings
-        if parallel_state.get_tensor_model_parallel_world_size() == 1:
-            return F.embedding(ids, table.weight)
-        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+        """Rows of the codec embedding (first pipeline stage; see ``codec_rows``)."""
+        return codec_rows(self.embedding.word_embeddings, ids)
 
-        start, end = table.vocab_start_index, table.vocab_end_index
-        outside = (ids < start) | (ids >= end)
-        rows = F.embedding((ids - start).masked_fill(outside, 0), table.weight)
-        return reduce_from_tensor_model_parallel_region(rows.masked_fill(outside.unsqueeze(-1), 0.0))
+
+def codec_rows(table, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of a vocabulary-parallel table (megatron's VocabParallelEmbedding: ``weight``, ``vocab_start_index``,
+    ``vocab_end_index``) for any id shape -> [..., H], summed over tensor-parallel vocabulary shards; never
+    scattered to sequence-parallel ranks (callers add them to other inputs first)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return F.embedding(ids, table.weight)
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    start, end = table.vocab_start_index, table.vocab_end_index
+    outside = (ids < start) | (ids >= end)
+    rows = F.embedding((ids - start).masked_fill(outside, 0), table.weight)
+    return reduce_from_tensor_model_parallel_region(rows.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
 def build_talker_backbone(cfg: TalkerConfig, parallel_cfg: ParallelConfig, *, device, params_dtype: torch.dtype,

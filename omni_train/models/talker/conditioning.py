@@ -152,24 +152,32 @@ def text_entries(context: TalkerContext, num_frames: int) -> torch.Tensor:
 
 def frame_embeddings(talker, codes: torch.Tensor) -> torch.Tensor:
     """[K, G] codes -> [K, H]: emb(c0) + sum over j >= 1 of code_predictor.codec_embedding[j-1](c_j) (summed
-    over a stacked [K, G, H] as ``generate`` does)."""
+    over a stacked [K, G, H] as ``generate`` does; ``talker.residual_embed`` reads those tables)."""
     c0 = talker.codec_embed(codes[:, 0]).unsqueeze(1)
-    residual = talker.code_predictor.residual_embeddings(codes[:, 1:]).to(c0.dtype)
+    residual = talker.residual_embed(codes[:, 1:]).to(c0.dtype)
     return torch.cat([c0, residual], dim=1).sum(1)
+
+
+def teacher_forced_targets(cfg: TalkerConfig, sample: TalkerSample) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(codebook-0 targets [L] (IGNORE elsewhere), positions of the states that predict each frame's codebook
+    0 [K]) for one conversation, L = context + K frames: from its ids alone (every pipeline stage knows them)."""
+    codes = sample.codes
+    num_frames = codes.shape[0]
+    length0 = context_index(cfg, sample.input_ids)[0].shape[0] + PREFIX_LENGTH
+    targets = torch.full((length0 + num_frames,), IGNORE, dtype=torch.long, device=codes.device)
+    states = torch.arange(num_frames, device=codes.device) + length0 - 1
+    targets[states] = codes[:, 0]
+    targets[-1] = cfg.codec.eos
+    return targets, states
 
 
 def teacher_forced_sequence(talker, cfg: TalkerConfig, sample: TalkerSample):
     """(inputs_embeds [L, H], codebook-0 targets [L] (IGNORE elsewhere), positions of the states that
     predict each frame's codebook 0 [K]) for one conversation, L = context + K frames."""
     context = build_context(talker, cfg, sample)
-    codes = sample.codes
-    num_frames, length0 = codes.shape[0], context.inputs_embeds.shape[0]
-    frames = frame_embeddings(talker, codes) + text_entries(context, num_frames)
+    frames = frame_embeddings(talker, sample.codes) + text_entries(context, sample.codes.shape[0])
     embeds = torch.cat([context.inputs_embeds, frames.to(context.inputs_embeds.dtype)])
-    targets = torch.full((length0 + num_frames,), IGNORE, dtype=torch.long, device=codes.device)
-    states = torch.arange(num_frames, device=codes.device) + length0 - 1
-    targets[states] = codes[:, 0]
-    targets[-1] = cfg.codec.eos
+    targets, states = teacher_forced_targets(cfg, sample)
     return embeds, targets, states, context
 
 

@@ -14,7 +14,8 @@ from omni_train.config.talker import (
     TextIds,
     check_talker_config,
     talker_config_problems,
+    talker_layout_problems,
 )
 
 __all__ = ["CodecIds", "CodePredictorConfig", "TalkerConfig", "TextIds", "check_talker_config",
-           "talker_config_problems"]
+           "talker_config_problems", "talker_layout_problems"]

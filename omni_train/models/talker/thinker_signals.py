@@ -9,6 +9,14 @@ placeholders. One difference from transformers: our DeepStack additions are a fo
 layers 0 .. k-1 that runs before this one, so for ``accept_hidden_layer <= k`` the captured state includes
 the layer's DeepStack features, which transformers' recorded ``hidden_states`` do not (the release reads
 layer 24 with k = 3: no difference).
+
+Layouts: pp = cp = 1 (the hooks need every layer and the whole sequence on this rank). Under tensor
+parallelism with sequence parallelism the decoder's states are sequence-parallel chunks; they are gathered
+over the tensor-parallel group, so every rank reads the whole sequence, as the Talker at that layout needs.
+That is the text-only Thinker LM (``build_thinker_lm``): the multimodal ``OmniThinker`` runs at
+tp = pp = cp = 1 only, so a Talker at tp > 1 conditions on text (no media placeholders in its context). At
+pp > 1 nothing is captured here: a text context needs only the Thinker's embedding-table rows, which live on
+the first stage beside the Talker's first stage (models/talker/model.py).
 """
 
 from __future__ import annotations
@@ -17,25 +25,35 @@ import contextlib
 from typing import Dict, Iterator
 
 import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 
 @contextlib.contextmanager
 def capture_thinker_signals(language_model: torch.nn.Module, accept_hidden_layer: int) -> Iterator[Dict]:
     """Yields a dict that each forward of ``language_model`` (a megatron GPTModel holding the whole sequence and
-    all its layers: tp = pp = cp = 1, as OmniThinker requires) fills with ``embeds`` and ``hidden`` [B, S, Ht]
-    (views, no copy; without autograd history when the Thinker runs frozen under no_grad)."""
-    layers = language_model.decoder.layers
-    if not 1 <= accept_hidden_layer <= len(layers) or language_model.config.pipeline_model_parallel_size > 1:
+    all its layers: pp = cp = 1; any tp, the whole sequence gathered under sequence parallelism) fills with
+    ``embeds`` and ``hidden`` [B, S, Ht] (views, no copy, at tp = 1; without autograd history when the Thinker
+    runs frozen under no_grad)."""
+    layers, config = language_model.decoder.layers, language_model.config
+    if not 1 <= accept_hidden_layer <= len(layers) or config.pipeline_model_parallel_size > 1:
         raise ValueError(f"accept_hidden_layer {accept_hidden_layer}: the model holds {len(layers)} decoder layers"
-                         f" (pipeline size {language_model.config.pipeline_model_parallel_size})")
+                         f" (pipeline size {config.pipeline_model_parallel_size})")
+    if config.context_parallel_size > 1:
+        raise ValueError(f"capture_thinker_signals needs the whole sequence: context parallel size "
+                         f"{config.context_parallel_size} (parallel.cp) must be 1")
     store: Dict[str, torch.Tensor] = {}
 
+    def whole(states: torch.Tensor) -> torch.Tensor:
+        """[S or S/tp, B, Ht] -> [B, S, Ht]."""
+        if config.sequence_parallel:
+            states = gather_from_sequence_parallel_region(states, tensor_parallel_output_grad=False)
+        return states.transpose(0, 1)
+
     def decoder_input(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        store["embeds"] = hidden.transpose(0, 1)
+        store["embeds"] = whole(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
 
     def layer_output(module, args, output):
-        store["hidden"] = output[0].transpose(0, 1)
+        store["hidden"] = whole(output[0])
 
     handles = [language_model.decoder.register_forward_pre_hook(decoder_input, with_kwargs=True),
                layers[accept_hidden_layer - 1].register_forward_hook(layer_output)]

@@ -12,6 +12,8 @@
       [--retries 2] [--workers 4] [--no-progress] [--strict]
   omni-data codec DATASET OUT_DIR --codec-model MIMI_DIR [--device cpu|cuda] [--batch-size 8] [--strict]
   omni-data synth-suite ROOT [KIND[=N] ...]
+  omni-data preference-pairs IN OUT_DIR --score KEY[:WEIGHT] [--score ...] [--lower-is-better]
+      [--rule best-worst|all-pairs|best-vs-rest] [--min-margin 0] [--max-pairs-per-prompt N] [--strict]
 """
 
 import argparse
@@ -79,6 +81,7 @@ def make_parser():
     p.add_argument("--workers", type=int, default=1)
     _add_teacher_parser(commands)
     _add_codec_parser(commands)
+    _add_preference_parser(commands)
     return parser
 
 
@@ -254,13 +257,41 @@ def run_codec(args):
     return 1 if args.strict and run.failures else 0
 
 
+def _add_preference_parser(commands):
+    p = commands.add_parser("preference-pairs", help="DPO pairs (chosen/rejected) from scored candidate responses")
+    p.add_argument("in_path", metavar="IN", help="a dataset directory or a JSONL manifest with `candidates`")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--score", action="append", default=[], metavar="KEY[:WEIGHT]", required=True,
+                   help="a candidate's score: the sum of WEIGHT (default 1) * scores[KEY]; higher is better")
+    p.add_argument("--lower-is-better", action="store_true", help="negate the sum (WER-like scores)")
+    p.add_argument("--rule", default="best-worst", choices=["best-worst", "all-pairs", "best-vs-rest"])
+    p.add_argument("--min-margin", type=float, default=0.0, help="skip pairs whose score gap is smaller")
+    p.add_argument("--max-pairs-per-prompt", type=int, default=0, metavar="N", help="0: no limit")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any prompt was bad or any pair failed")
+    _add_build_options(p, 1000)
+
+
+def run_preference_pairs(args):
+    from data_pipelines.preference_pairs import (BAD, BAD_PAIR, MISSING, PairOptions, format_summary,
+                                                 format_where, parse_score, preference_pairs)
+
+    options = PairOptions([parse_score(s) for s in args.score], args.rule, args.min_margin,
+                          args.max_pairs_per_prompt, args.lower_is_better)
+    run = preference_pairs(args.in_path, args.out_dir, options, _options(args))
+    bad = [r for r in run.report if r["reason"] in (BAD, MISSING, BAD_PAIR)]
+    for r in bad:
+        print(f"{r['reason']}: {format_where(r)}: {r['detail']}", file=sys.stderr)
+    print(format_summary(run, args.out_dir), file=sys.stderr)
+    return 1 if args.strict and bad else 0
+
+
 def main(argv=None):
     quiet_library_warnings()
     args = make_parser().parse_args(argv)
     try:
         return {"build": run_build, "validate": run_validate, "stats": run_stats, "synth": run_synth,
                 "synth-suite": run_synth_suite, "teacher-responses": run_teacher_responses,
-                "codec": run_codec}[
+                "codec": run_codec, "preference-pairs": run_preference_pairs}[
             args.command](args)
     except (OSError, ValueError) as exc:
         print(f"omni-data {args.command}: error: {exc}", file=sys.stderr)

@@ -8,6 +8,8 @@
 - ``gspo``: a verifiable toy task for GSPO: "say the digit N" (text, or with an audio clip or a picture
   beside the words), the reference answer N, scored by ``say_digit_reward`` (a user reward function named
   by module path in recipes/tiny/gspo.yaml); every fourth sample carries its own reward spec.
+- ``speech`` / ``long_speech``: spoken answers (the Talker's stages): a question as text, audio or an
+  image, the answer as text plus speech with random codec targets (``speech_entry``).
 
 Answers follow from the prompt or the media (sums, durations, sizes), so a tiny model can learn them.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import os
 from typing import List, Tuple
+
+import numpy as np
 
 from data_pipelines.synth import write_audio, write_image, write_video
 
@@ -141,3 +145,39 @@ def say_digit_reward(request, **_) -> float:
     if digit and digit in answer:
         return 0.5
     return 0.1 if any(c.isdigit() for c in answer) else 0.0
+
+
+# Speakers of the synthetic speech (the release's voice names: model.talker.codec.speakers).
+SPEAKERS = ("chelsie", "ethan", "aiden")
+CODEC_FRAME_RATE = 12.5  # codec frames per second (docs/codec.md)
+CODE_GROUPS = 16  # codebooks per frame (the Talker's num_code_groups)
+SYNTH_CODES = 64  # codes drawn from 0..63 of the 2048: random, yet a marginal a tiny Talker learns in steps
+
+
+def speech_entry(i: int, rng, src: str, long: bool = False) -> Entry:
+    """A conversation whose assistant turn is spoken (the Talker's pretraining data, report section 4.2):
+    user turn of text, audio or an image; the answer as text and as speech (a synthetic 24 kHz clip, 1-2.5 s,
+    or 8-12 s with ``long``) with random codec targets int32 [ceil(seconds * 12.5), 16] beside it."""
+    a, b = int(rng.integers(1, 50)), int(rng.integers(1, 50))
+    media, files = [], []
+    shape = i % 3
+    if shape == 1:
+        name = f"{i}_question.flac"
+        files.append({**write_audio(os.path.join(src, name), rng, round(float(rng.uniform(1.0, 2.0)), 2), 16000),
+                      "file": name})
+        media.append({"type": "audio", "audio": name})
+    elif shape == 2:
+        name = f"{i}_picture.png"
+        files.append({**write_image(os.path.join(src, name), rng, "PNG"), "file": name})
+        media.append({"type": "image", "image": name})
+    prompt = ["Say the sum out loud.", "Answer the recording out loud.", "Describe the picture out loud."][shape]
+    seconds = round(float(rng.uniform(8.0, 12.0) if long else rng.uniform(1.0, 2.5)), 2)
+    speech, codec = f"{i}_answer.wav", f"{i}_answer_codec.npy"
+    files.append({**write_audio(os.path.join(src, speech), rng, seconds, 24000), "file": speech})
+    frames = int(np.ceil(files[-1]["seconds"] * CODEC_FRAME_RATE))
+    np.save(os.path.join(src, codec), rng.integers(0, SYNTH_CODES, (frames, CODE_GROUPS)).astype(np.int32))
+    answer = f"{a} plus {b} is {a + b}." if shape == 0 else f"Answer {i % 10}: {a} and {b}."
+    return {"messages": [_user(media, f"{prompt} {a} and {b}?"),
+                         {"role": "assistant", "content": [{"type": "text", "text": answer},
+                                                           {"type": "audio", "audio": speech, "codec": codec}]}],
+            "speaker": {"id": SPEAKERS[i % len(SPEAKERS)]}}, files

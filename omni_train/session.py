@@ -112,9 +112,12 @@ class Session:
             return state
         if self.cfg.init_from:
             source = resolve_init_from(self.cfg.init_from, self.run_dir)
-            load_model_weights(source, self.model)
+            if self.stage.load_init is None:
+                load_model_weights(source, self.model)
+                self.say(f"initialised model weights from {source}")
+            else:
+                self.say(f"initialised the {self.stage.load_init(source, self.model)} from {source}")
             self.checkpoints.provenance = read_provenance(source)
-            self.say(f"initialised model weights from {source}")
         return TrainState()
 
     def save(self) -> None:

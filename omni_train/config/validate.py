@@ -161,14 +161,20 @@ def _check_towers(cfg: DictConfig) -> None:
 
 
 TALKER_CHOICES = {"load_balancing": ("aux_loss", "expert_bias"), "experts_impl": ("grouped", "sequential")}
+# registered stage code (stage.base or stage.name) that builds and trains the Talker (omni_train/stages/)
+TALKER_STAGES = ("talker_pretrain",)
 
 
 def _check_talker(cfg: DictConfig) -> None:
-    """model.talker (when set): its own consistency (config/talker.py), its fit to the Thinker that
-    conditions it, and the layout it takes (config/talker.py ``talker_layout_problems``: tp with sequence
-    parallelism, pp and ep dividing its sizes; cp = 1)."""
+    """model.talker: set exactly when the stage trains the Talker (TALKER_STAGES; any stage in a dry run); its
+    own consistency (config/talker.py), its fit to the Thinker that conditions it, and the layout it takes
+    (config/talker.py ``talker_layout_problems``: tp with sequence parallelism, pp and ep dividing its sizes;
+    cp = 1)."""
     talker, thinker, par = cfg.model.talker, cfg.model.thinker, cfg.parallel
+    code = cfg.stage.base or cfg.stage.name
     if talker is None:
+        _require(code not in TALKER_STAGES, "model.talker",
+                 f"stage {cfg.stage.name!r} trains the Talker: choose a model with one (e.g. model=tiny_omni_talker)")
         return
     problems = talker_config_problems(talker)
     if problems:
@@ -189,10 +195,11 @@ def _check_talker(cfg: DictConfig) -> None:
     if layout:
         key, problem = layout[0]
         raise ConfigError(key, problem)
-    # Until a registered stage builds the Talker, a run would train the Thinker and silently carry this
-    # section into its checkpoints and export; the dry run already plans the Talker's training.
-    _require(cfg.dry_run, "model.talker", "no stage trains the Talker yet (its stages come with issue 17); "
-             "dry_run=true plans one")
+    # A stage that does not build the Talker would train the Thinker and silently carry this section into
+    # its checkpoints and export; the dry run plans the Talker's training under any stage.
+    _require(cfg.dry_run or code in TALKER_STAGES, "model.talker",
+             f"stage {cfg.stage.name!r} does not train the Talker (the Talker's stages run "
+             f"{', '.join(TALKER_STAGES)}); drop the Talker (a model without it) or dry_run=true plans one")
 
 
 def _check_layout(cfg: DictConfig, world_size: int) -> None:

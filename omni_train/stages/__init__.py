@@ -22,6 +22,7 @@ STAGES = {
     "distill_offpolicy": "omni_train.stages.distill_offpolicy",
     "distill_onpolicy": "omni_train.stages.distill_onpolicy",
     "gspo": "omni_train.stages.gspo",
+    "talker_pretrain": "omni_train.stages.talker_pretrain",
 }
 
 
@@ -46,6 +47,9 @@ class Stage:
     # rollout loop only: (loop, this rank's samples of the step) -> loops.rollout.RolloutPlan (scores, the
     # mini-batches to update on, the fields their micro-batches carry); None: one update on all samples
     plan_rollout: Optional[Callable[..., Any]] = None
+    # (checkpoint path, model) -> what it loaded: how ``init_from`` fills the model (a stage whose model holds
+    # more than the checkpoint it starts from); None: every model weight from the checkpoint
+    load_init: Optional[Callable[..., str]] = None
 
     def forward_options(self, cfg) -> Dict[str, Any]:
         return self.options(cfg) if self.options is not None else {}

@@ -111,6 +111,6 @@ def test_conf_groups_map_onto_code():
     for name in STAGES:
         assert (Path(__file__).parents[2] / "omni_train" / "stages" / f"{name}.py").exists()
     assert {name for name, base in code.items() if base != name} == {
-        "audio_align", "vision_align", "general_pretrain", "long_context", "sft"}
+        "audio_align", "vision_align", "general_pretrain", "long_context", "sft", "talker_cpt"}
     fields = set(TrainConfig.__dataclass_fields__)
     assert {g for g, _ in GROUPS} <= fields

@@ -249,7 +249,7 @@ def test_talker_phase_patterns_choose_what_trains():
     (["parallel.cp=2"], "parallel.cp", "the Talker runs at cp=1 only"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "needs tp > 1"),
     (["model.talker.num_experts=96", "parallel.ep=64"], "parallel.ep", "model.talker.num_experts=96"),
-    (["dry_run=false"], "model.talker", "no stage trains the Talker"),
+    (["dry_run=false"], "model.talker", "does not train the Talker"),
 ])
 def test_a_talker_config_that_cannot_run_names_its_key(overrides, key, words):
     cfg = compose(TALKER_30B + overrides)
@@ -293,4 +293,5 @@ def test_cli_dry_run_of_the_tiny_talker_builds_it_on_meta(tmp_path):
     assert built in proc.stdout
     assert "fits:" in proc.stdout and not (tmp_path / "run").exists()
     refused = omni_train(["model=tiny_omni_talker", f"run_dir={tmp_path / 'run'}"], check=False)
-    assert refused.returncode == 2 and "config error: model.talker: no stage trains the Talker" in refused.stderr
+    assert refused.returncode == 2
+    assert "config error: model.talker: stage 'text_pretrain' does not train the Talker" in refused.stderr

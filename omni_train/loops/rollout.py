@@ -38,6 +38,7 @@ from omni_train.data.batch import shard_batch
 from omni_train.data.packing import Document, SequencePacker, collate_packed, document_modality
 from omni_train.loops.supervised import SupervisedLoop
 from omni_train.losses.onpolicy import token_logprobs
+from omni_train.models.common.moe_load import uncounted
 from omni_train.parallel.process_state import preserved_rng
 from omni_train.rollout import RolloutPlan, Sample, build_engine, model_logits, sampling_seed
 from omni_train.session import Session
@@ -167,15 +168,15 @@ class RolloutLoop(SupervisedLoop):
         self._truncated += sum(s.finish_reason == "length" for s in samples)
         return samples
 
-    @torch.no_grad()
     def trainer_logprobs(self, samples: Sequence[Sample]) -> List[List[float]]:
         """The trained model's log-probability of each response token, log_softmax(logits / T) at the
-        sampling temperature, as the rollout's (one forward, no gradient)."""
+        sampling temperature, as the rollout's (one forward, no gradient, not counted in the MoE load)."""
         if not samples:
             return []
         trainer, temperature = self.cfg.trainer, self.cfg.stage.rollout.sampling.temperature
         micro, where = rollout_microbatches(samples, self.pad_id, trainer.seq_length, trainer.micro_batch_size)
-        values = [recompute_logprobs(self.model, self._prepare(batch), temperature).cpu() for batch in micro]
+        with torch.no_grad(), uncounted():
+            values = [recompute_logprobs(self.model, self._prepare(batch), temperature).cpu() for batch in micro]
         return [values[m][b, start:end].tolist() for m, b, start, end in where]
 
     def _microbatches(self, samples: Sequence[Sample], fields: Sequence[str]):

@@ -39,6 +39,14 @@ LEVELS = ("sequence", "sequence_token", "token")
 SCALES = ("group", "batch", "none")
 
 
+def _nanstd(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """The unbiased standard deviation of the non-NaN values (over ``dim``, kept; else all)."""
+    keep = dim is not None
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=keep)
+    var = torch.nanmean((x - torch.nanmean(x, dim=dim, keepdim=keep)) ** 2, dim=dim, keepdim=keep)
+    return (var * count / (count - 1)).sqrt()
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
     """(advantages, std) [N] of rewards [N] laid out group by group (``group_size`` responses per prompt):
     ``(r - group mean) / (std + eps)``, std the unbiased standard deviation of the group (``scale="group"``),
@@ -50,17 +58,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
     mean = torch.nanmean(grouped, dim=1, keepdim=True)
-
-    def nanstd(x, dim=None):
-        count = (~torch.isnan(x)).sum(dim=dim, keepdim=dim is not None)
-        m = torch.nanmean(x, dim=dim, keepdim=dim is not None)
-        var = torch.nanmean((x - m) ** 2, dim=dim, keepdim=dim is not None) * count / (count - 1)
-        return var.sqrt()
-
     if scale == "batch":
-        std = nanstd(rewards).expand_as(grouped) if rewards.numel() > 1 else torch.zeros_like(grouped)
+        std = _nanstd(rewards).expand_as(grouped) if rewards.numel() > 1 else torch.zeros_like(grouped)
     else:
-        std = nanstd(grouped, dim=1).expand_as(grouped) if group_size > 1 else torch.zeros_like(grouped)
+        std = _nanstd(grouped, dim=1).expand_as(grouped) if group_size > 1 else torch.zeros_like(grouped)
     advantages = grouped - mean
     if scale != "none":
         advantages = advantages / (std + eps)

@@ -175,7 +175,10 @@ class HFJudge:
     def submit(self, items: List[JudgeInput]) -> List[Future]:
         """One future per batch of cfg.batch_size items, each resolving to its [JudgeOutcome]."""
         if self.model is None:
-            self._load()
+            from omni_train.parallel.process_state import preserved_rng
+
+            with preserved_rng():  # loading leaves no trace in the trained model's or the data's RNGs
+                self._load()
         size = self.cfg.batch_size
         return [self._pool.submit(self._judge_batch, items[i:i + size]) for i in range(0, len(items), size)]
 

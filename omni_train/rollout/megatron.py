@@ -26,8 +26,8 @@ Limits (checked): text prompts only (media would need the towers' features at th
 TM-RoPE positions; ``stage.loss.text_prompts_only``); one model-parallel rank (tp = pp = cp = ep = 1; data
 parallel is fine: each rank decodes its own prompts). The compiled elementwise kernels of the training
 path (norms, rotation, MoE combine) run eagerly while decoding (``torch.compiler.set_stance``): their
-shapes change every step (the KV length) and would exceed torch.compile's recompile limit. The routers'
-forward hooks (the MoE load metric) are paused while decoding: the metric counts training tokens only.
+shapes change every step (the KV length) and would exceed torch.compile's recompile limit. The MoE load
+metric counts nothing while decoding (moe_load.uncounted): it counts training tokens only.
 
 Measured (benchmarks/RESULTS.md, 2026-12-03, H200, omni proxy, 512 rows x 256 tokens): 29.6k tokens/s once
 warm against 5.0k for transformers' ``generate``; greedy rows equal to the hf backend's at fp32.
@@ -43,10 +43,10 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
 from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import InferenceWrapperConfig
-from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.utils import unwrap_model
 
 from omni_train.config.rollout import SamplingConfig
+from omni_train.models.common.moe_load import uncounted
 from omni_train.data.prompts import Prompt
 from omni_train.rollout import Sample, check_sampling, stop_ids
 from omni_train.rollout.sync import SyncReport
@@ -218,23 +218,18 @@ def kv_context(lm: torch.nn.Module, rows: int, total: int) -> StaticInferenceCon
 
 
 @contextlib.contextmanager
-def decoding_mode(model: torch.nn.Module, lm: torch.nn.Module):
-    """Eval mode (megatron's inference path keys on it), no autograd, compiled kernels run eagerly, router
-    hooks (the MoE load metric) paused and a Thinker's DeepStack features cleared; all restored after."""
+def decoding_mode(model: torch.nn.Module):
+    """Eval mode (megatron's inference path keys on it), no autograd, compiled kernels run eagerly, the MoE
+    load metric not counting (moe_load.uncounted) and a Thinker's DeepStack features cleared; all
+    restored after."""
     modes = [(m, m.training) for m in model.modules()]
-    routers = [m for m in lm.modules() if isinstance(m, TopKRouter)]
-    hooks = [r._forward_hooks for r in routers]
     try:
         model.eval()
-        for router in routers:
-            router._forward_hooks = type(router._forward_hooks)()
         if hasattr(model, "_deepstack"):
             model._deepstack = None  # text prompts: nothing to add; never the last training batch's
-        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"), uncounted():
             yield
     finally:
-        for router, saved in zip(routers, hooks):
-            router._forward_hooks = saved
         for module, training in modes:
             module.training = training
 
@@ -273,7 +268,7 @@ class MegatronRolloutEngine:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stops = stop_ids(self.encoder, sampling)
         out: List[Sample] = []
-        with decoding_mode(self.model, self.lm):
+        with decoding_mode(self.model):
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]
                 out.extend(self._generate_batch(batch, sampling, stops, generator))

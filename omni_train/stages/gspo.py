@@ -227,7 +227,7 @@ def _loss(logits, batch, ref_logits, level, epsilon_low, epsilon_high, beta, kl_
         "clipped": torch.stack([terms.clipped.sum(), count]),
         "ratio": torch.stack([terms.ratio.sum(), count]),
         "ratio_first": torch.stack([terms.ratio.sum(), count]),
-        "ratio_max": torch.stack([(terms.ratio - 1).abs().max() if seq.count else count * 0, torch.ones_like(count)]),
+        "ratio_deviation_max": torch.stack([(terms.ratio - 1).abs().max() if seq.count else count * 0, torch.ones_like(count)]),
         "entropy": torch.stack([token_entropy(logits, seq.valid, t, chunk_tokens).sum(), tokens]),
         "advantage": torch.stack([seq.pick(batch["advantage"].to(logp.dtype)).sum(), count]),
     })

@@ -1,12 +1,30 @@
-"""Counts the tokens each router sends to each expert, per MoE layer, for the load-imbalance metric."""
+"""Counts the tokens each router sends to each expert, per MoE layer, for the load-imbalance metric.
+
+Forwards that are not training (a rollout engine decoding with the trained model, the old policy's
+log-probabilities) run inside ``uncounted()``: the metric counts the tokens the model trains on.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
+
+
+_counting = [True]
+
+
+@contextlib.contextmanager
+def uncounted():
+    """No tracker counts the forwards run inside."""
+    previous, _counting[0] = _counting[0], False
+    try:
+        yield
+    finally:
+        _counting[0] = previous
 
 
 class ExpertLoadTracker:
@@ -19,6 +37,8 @@ class ExpertLoadTracker:
 
     def _hook(self, index: int):
         def hook(module, inputs, outputs):
+            if not _counting[0]:
+                return
             _, routing_map = outputs
             counts = routing_map.detach().sum(dim=0).float()
             if index in self.counts:

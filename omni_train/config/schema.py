@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 from omni_train.config.rewards import RewardsConfig
 from omni_train.config.rollout import GSPOConfig, RolloutConfig
-from omni_train.config.talker import TalkerConfig
+from omni_train.config.talker import Code2WavConfig, DPOConfig, SpeakerConfig, TalkerConfig
 
 
 @dataclass
@@ -106,6 +106,8 @@ class ModelConfig:
     # The Talker's sizes (omni_train/config/talker.py); null for the Thinker's stages. A flavor that sets it
     # (qwen3_omni_30b_a3b_talker, tiny_omni_talker) describes the Talker trained with the Thinker frozen.
     talker: Optional[TalkerConfig] = None
+    # A frozen Code2Wav built from a seed for Talker stages trained without an import (config/talker.py).
+    code2wav: Optional[Code2WavConfig] = None
 
 
 @dataclass
@@ -335,6 +337,9 @@ class StageConfig:
     # gspo: the policy update (config/rollout.py) and how samples are scored (config/rewards.py)
     gspo: GSPOConfig = field(default_factory=GSPOConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    # talker_dpo: the preference loss; speaker_finetune: the voice (config/talker.py)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    speaker: Optional[SpeakerConfig] = None
 
 
 @dataclass

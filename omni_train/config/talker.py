@@ -19,7 +19,9 @@ It lives in the config layer (not beside the model) so that Hydra's structured c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
+
+from omegaconf import MISSING
 
 # transformers' generate never samples codec ids in [codec_vocab_size - 1024, codec_vocab_size) except eos
 # (models/talker/generate.py): codebook 0's codes must lie below that span.
@@ -213,3 +215,68 @@ def check_talker_config(cfg: TalkerConfig) -> None:
     if problems:
         name, problem = problems[0]
         raise ValueError(f"talker config: {name}: {problem} (see omni_train/config/talker.py)")
+
+
+@dataclass
+class Code2WavConfig:
+    """``model.code2wav``: a Code2Wav (transformers' ``Qwen3OmniMoeCode2Wav``) for a run that has none from an
+    import: the Talker stages of a run trained from scratch build it, frozen, from ``seed`` (its weights saved
+    in their checkpoints as ``code2wav.*``, exported with the Talker). It turns the Talker's codes into the
+    audio samples each Talker stage writes and the export's speech. A run started from an import carries the
+    release's Code2Wav instead and needs none. Fields are transformers' ``Qwen3OmniMoeCode2WavConfig``'s."""
+
+    codebook_size: int = 2048
+    num_quantizers: int = 16
+    hidden_size: int = 1024
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    intermediate_size: int = 3072
+    decoder_dim: int = 1536
+    sliding_window: int = 72
+    # 8 * 5 * 4 * 3 * 2 * 2 = 1920 samples per frame: 12.5 frames/s at 24 kHz
+    upsample_rates: List[int] = field(default_factory=lambda: [8, 5, 4, 3])
+    upsampling_ratios: List[int] = field(default_factory=lambda: [2, 2])
+    initializer_range: float = 0.02
+    layer_scale_initial_scale: float = 0.01
+    seed: int = 0
+
+    def hf_config(self) -> Dict[str, object]:
+        """transformers' ``code2wav_config`` dict (``seed`` is ours)."""
+        from dataclasses import asdict
+
+        out = asdict(self)
+        out.pop("seed")
+        return out
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "robust")
+DPO_CODEBOOKS = ("first", "all")
+
+
+@dataclass
+class DPOConfig:
+    """``stage.dpo``: the talker_dpo stage's preference loss (losses/dpo.py, trl's DPOTrainer formulas) against a
+    frozen reference Talker (the stage's starting Talker)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # "sigmoid" | "ipo" | "robust"
+    label_smoothing: float = 0.0  # sigmoid: cDPO; robust: the assumed flip rate (< 0.5); ipo: none
+    # the sequence log-probability: summed over codebook 0 ("first") or over every codebook ("all")
+    codebooks: str = "first"
+    sft_weight: float = 0.0  # > 0: + weight x the chosen codes' NLL per target (trl's loss_type [..., "sft"])
+
+
+@dataclass
+class SpeakerConfig:
+    """``stage.speaker``: the voice the speaker_finetune stage trains (stages/speaker_finetune.py)."""
+
+    # The voice's name: a new one (added to model.talker.codec.speakers at the first free codec id, or at
+    # `id`) or one of model.talker.codec.speakers (refined). Export writes it into talker_config.speaker_id,
+    # which transformers' generate(speaker=<name>) reads.
+    name: str = MISSING
+    id: Optional[int] = None  # a new voice's codec id; null: the first free id above the special ids
+    # A new voice's embedding row starts as: "mean" (of the configured speakers' rows) or a speaker's name
+    init: str = "mean"
+    # Every sample of the stage speaks with this voice, whatever its `speaker` field says (one speaker's data).
+    override_data_speaker: bool = True

@@ -162,7 +162,7 @@ def _check_towers(cfg: DictConfig) -> None:
 
 TALKER_CHOICES = {"load_balancing": ("aux_loss", "expert_bias"), "experts_impl": ("grouped", "sequential")}
 # registered stage code (stage.base or stage.name) that builds and trains the Talker (omni_train/stages/)
-TALKER_STAGES = ("talker_pretrain",)
+TALKER_STAGES = ("talker_pretrain", "talker_dpo", "speaker_finetune")
 
 
 def _check_talker(cfg: DictConfig) -> None:

@@ -23,6 +23,8 @@ STAGES = {
     "distill_onpolicy": "omni_train.stages.distill_onpolicy",
     "gspo": "omni_train.stages.gspo",
     "talker_pretrain": "omni_train.stages.talker_pretrain",
+    "talker_dpo": "omni_train.stages.talker_dpo",
+    "speaker_finetune": "omni_train.stages.speaker_finetune",
 }
 
 

@@ -22,7 +22,9 @@ import torch
 
 from omni_train.data.shards import chat_encoder
 from omni_train.data.talker_batch import CONTEXT_KINDS, SpeechSource, talker_with_tokenizer_ids
+from omni_train.models.talker.code2wav import build_code2wav
 from omni_train.models.talker.model import build_talker
+from omni_train.parallel.process_state import preserved_rng
 from omni_train.stages.thinker_talker import ThinkerTalker, load_init
 from omni_train.stages import Stage, multimodal_pretrain
 
@@ -46,10 +48,15 @@ def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
     torch.manual_seed(cfg.trainer.seed + TALKER_SEED_OFFSET)
     talker = build_talker(talker_cfg, cfg.parallel, device=env.device, params_dtype=params_dtype,
                           recompute=cfg.trainer.recompute)
+    code2wav = None
+    if cfg.model.code2wav is not None:
+        with preserved_rng():
+            torch.manual_seed(cfg.model.code2wav.seed)
+            code2wav = build_code2wav(cfg.model.code2wav.hf_config(), device=env.device, dtype=params_dtype)
     if env.is_main:
         print(f"frozen Thinker beside the Talker: {sum(p.numel() for p in thinker.parameters()):,} parameters "
               "(no gradient buffer, no optimizer state)", flush=True)
-    return ThinkerTalker(thinker, talker)
+    return ThinkerTalker(thinker, talker, code2wav)
 
 
 def build_data(cfg, env):

@@ -5,6 +5,9 @@ Thinker that conditions the Talker, and the Talker.
       thinker   FrozenModel(OmniThinker): eval mode, every parameter requires_grad=False, run under no_grad;
                 held as a plain attribute, not a submodule
       talker    Talker (model.py): backbone, projections, code predictor; the only submodule, all of it trains
+      code2wav  FrozenModel(Code2Wav) or None: turns generated codes into speech (audio samples, export);
+                held like the Thinker. Built from ``model.code2wav`` (a seeded random one for a run without an
+                import); in the checkpoints as ``code2wav.model.*``, the keys an import writes.
 
 One model, so that the session builds, wraps, checkpoints and restores it as it does any stage's model. The
 Thinker is outside its module tree: nothing that walks the trained model's parameters or modules (the
@@ -25,27 +28,29 @@ runs on each row's conversation (conditioning.py) and returns model.py's losses.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch import nn
 
 from omni_train.checkpoint import safe_load
 from omni_train.frozen import FrozenModel
 from omni_train.models.talker.conditioning import TalkerSample
-from omni_train.models.talker.model import Talker
+from omni_train.models.talker.model import Talker, _replica_id
 from omni_train.models.talker.thinker_signals import capture_thinker_signals
 
-THINKER, TALKER = "thinker.", "talker."
+THINKER, TALKER, CODE2WAV = "thinker.", "talker.", "code2wav."
 TALKER_ANCHOR = "talker.backbone.embedding.word_embeddings.weight"  # a checkpoint holds a Talker iff this
 
 
 class ThinkerTalker(nn.Module):
-    def __init__(self, thinker: nn.Module, talker: Talker):
+    def __init__(self, thinker: nn.Module, talker: Talker, code2wav: Optional[nn.Module] = None):
         super().__init__()
         object.__setattr__(self, "thinker", FrozenModel("thinker", thinker))  # not registered: see above
+        object.__setattr__(self, "code2wav", None if code2wav is None else FrozenModel("code2wav", code2wav))
         self.talker = talker
 
     # what megatron's DDP, schedule and the loop read: the trained model's
@@ -62,16 +67,26 @@ class ThinkerTalker(nn.Module):
                                                          metadata=metadata)
         talker = self.talker.sharded_state_dict(prefix=f"{prefix}{TALKER}", sharded_offsets=sharded_offsets,
                                                 metadata=metadata)
-        return {**{f"{THINKER}{key}": value for key, value in thinker.items()}, **talker}
+        state = {**{f"{THINKER}{key}": value for key, value in thinker.items()}, **talker}
+        if self.code2wav is not None:
+            replica = _replica_id()
+            for name, tensor in self.code2wav.module.state_dict(keep_vars=True).items():
+                key = f"{prefix}{CODE2WAV}{name}"
+                state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=replica)
+        return state
 
     def load_state_dict(self, state_dict, strict: bool = True):
-        parts: Dict[str, dict] = {THINKER: {}, TALKER: {}}
+        parts: Dict[str, dict] = {THINKER: {}, TALKER: {}, CODE2WAV: {}}
         for key, value in state_dict.items():
             head = next((p for p in parts if key.startswith(p)), None)
             if head is None:
                 raise KeyError(f"unexpected key {key!r} in a ThinkerTalker state dict")
             parts[head][key[len(head):]] = value
         self.thinker.module.load_state_dict(parts[THINKER], strict=strict)
+        if self.code2wav is not None:
+            self.code2wav.module.load_state_dict(parts[CODE2WAV], strict=strict)
+        elif parts[CODE2WAV] and strict:
+            raise KeyError("a ThinkerTalker without a Code2Wav got code2wav.* keys")
         return self.talker.load_state_dict(parts[TALKER], strict=strict)
 
     # ----- forward ------------------------------------------------------------------------------------
@@ -105,17 +120,21 @@ class ThinkerTalker(nn.Module):
 
 def load_init(path: Path, model: nn.Module) -> str:
     """Stage hand-off into a ThinkerTalker (``model`` or its data-parallel wrapper): the Thinker from
-    checkpoint ``path``, and the Talker too when ``path`` holds one; returns what was loaded."""
+    checkpoint ``path``, the Talker too when ``path`` holds one, the Code2Wav too when it holds one (else it
+    keeps its seeded build); returns what was loaded."""
     safe_load.apply()
     module = getattr(model, "module", model)
     keys = dist_checkpointing.load_tensors_metadata(str(path))
-    state = module.sharded_state_dict()
     with_talker = TALKER_ANCHOR in keys
-    if not with_talker:
-        state = {k: v for k, v in state.items() if k.startswith(THINKER)}
+    with_code2wav = module.code2wav is not None and any(k.startswith(CODE2WAV) for k in keys)
+    wanted = (THINKER,) + ((TALKER,) if with_talker else ()) + ((CODE2WAV,) if with_code2wav else ())
+    state = {k: v for k, v in module.sharded_state_dict().items() if k.startswith(wanted)}
     loaded = dist_checkpointing.load({"model": state}, str(path))["model"]
+    module.thinker.module.load_state_dict({k[len(THINKER):]: v for k, v in loaded.items() if k.startswith(THINKER)})
+    if with_code2wav:
+        module.code2wav.module.load_state_dict({k[len(CODE2WAV):]: v for k, v in loaded.items()
+                                                if k.startswith(CODE2WAV)})
     if with_talker:
-        module.load_state_dict(loaded)
-        return "Thinker and Talker"
-    module.thinker.module.load_state_dict({k[len(THINKER):]: v for k, v in loaded.items()})
-    return "Thinker (the Talker starts from its initialisation)"
+        module.talker.load_state_dict({k[len(TALKER):]: v for k, v in loaded.items() if k.startswith(TALKER)})
+    what = "Thinker and Talker" if with_talker else "Thinker (the Talker starts from its initialisation)"
+    return what + (" and Code2Wav" if with_code2wav else "")

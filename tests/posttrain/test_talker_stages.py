@@ -113,8 +113,11 @@ def test_both_losses_fall_and_the_thinker_stays_frozen(pretrain_run, thinker_che
         assert record["context_text_count"] == 4 and sum(shares) == pytest.approx(1.0)
     final = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     before = _tensors(thinker_checkpoint, lambda k: True)
-    after = _tensors(final, lambda k: not k.startswith(("talker.", "optimizer.")))
+    after = _tensors(final, lambda k: not k.startswith(("talker.", "optimizer.", "code2wav.")))
     assert sorted(after) == sorted(before) and len(before) > 100
+    # the seeded Code2Wav (model.code2wav) is saved beside them, unchanged by training
+    code2wav = _tensors(final, lambda k: k.startswith("code2wav.model."))
+    assert code2wav and not any(k.startswith("optimizer.state.exp_avg.code2wav") for k in _tensors(final, lambda k: True))
     for key, tensor in before.items():
         assert torch.equal(after[key], tensor), key
     talker = _tensors(final, lambda k: k.startswith("talker."))

@@ -181,3 +181,20 @@ def speech_entry(i: int, rng, src: str, long: bool = False) -> Entry:
                          {"role": "assistant", "content": [{"type": "text", "text": answer},
                                                            {"type": "audio", "audio": speech, "codec": codec}]}],
             "speaker": {"id": SPEAKERS[i % len(SPEAKERS)]}}, files
+
+
+def speech_preference_entry(i: int, rng, src: str) -> Entry:
+    """A preference pair of spoken answers (the Talker's DPO data): ``speech_entry``'s conversation up to its
+    user turn, and two spoken versions of its answer (the same text and audio) whose codec targets differ in a
+    way a tiny Talker can learn to prefer: the chosen one's codes lie in 0..15, the rejected one's in 48..63."""
+    entry, files = speech_entry(i, rng, src)
+    reply = entry["messages"][-1]
+    frames = int(np.ceil(files[-1]["seconds"] * CODEC_FRAME_RATE))
+    sides = {}
+    for side, low in (("chosen", 0), ("rejected", SYNTH_CODES - 16)):
+        codec = f"{i}_{side}_codec.npy"
+        np.save(os.path.join(src, codec), rng.integers(low, low + 16, (frames, CODE_GROUPS)).astype(np.int32))
+        content = [dict(part, codec=codec) if part.get("type") == "audio" else part for part in reply["content"]]
+        sides[side] = [{"role": "assistant", "content": content}]
+    os.remove(os.path.join(src, reply["content"][1]["codec"]))
+    return {"messages": entry["messages"][:-1], "preference": sides, "speaker": entry["speaker"]}, files

@@ -18,7 +18,9 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from data_pipelines.build import BuildOptions, build
-from data_pipelines.posttrain_synth import caption_entry, distill_entry, gspo_entry, sft_entry, speech_entry
+from data_pipelines.posttrain_synth import (
+    caption_entry, distill_entry, gspo_entry, sft_entry, speech_entry, speech_preference_entry,
+)
 from data_pipelines.sources import ManifestSource
 from data_pipelines.synth import write_audio, write_image, write_video
 
@@ -84,6 +86,7 @@ KINDS: Dict[str, Callable[..., Entry]] = {
     # the Talker's stages: spoken answers with codec targets
     "speech": speech_entry,
     "long_speech": lambda i, rng, src: speech_entry(i, rng, src, long=True),
+    "speech_preference": speech_preference_entry,
 }
 
 

@@ -6,7 +6,7 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -201,14 +201,17 @@ class MetricsLogger:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, resolved_config: Dict[str, Any]):
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
+        _end_line(self.path)
         self.wandb = None
         if cfg.name == "wandb":
             import wandb  # imported here: logger=none runs never need it
 
+            stage = resolved_config.get("stage") or {}
             self.wandb = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=cfg.mode, name=cfg.run_name,
                 dir=str(run_dir), config=resolved_config,
                 id=_stable_run_id(run_dir), resume="allow",
+                group=cfg.group, job_type=cfg.job_type or stage.get("name"),
             )
 
     def log(self, step: int, values: Dict[str, Any]) -> None:
@@ -219,10 +222,32 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(values, step=step)
 
+    def log_audio(self, step: int, samples: List[Tuple[str, Path]], sample_rate: int) -> None:
+        """(caption, WAV path) pairs heard at ``step``: listed in <run_dir>/audio_samples.jsonl (metrics.jsonl
+        keeps one numeric record per step: readers key it by step) and logged to W&B as ``audio_samples``."""
+        record = {"step": step, "sample_rate": sample_rate,
+                  "samples": [{"caption": caption, "path": str(path)} for caption, path in samples]}
+        with open(self.run_dir / "audio_samples.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            audio = [wandb.Audio(str(path), sample_rate=sample_rate, caption=caption) for caption, path in samples]
+            self.wandb.log({"audio_samples": audio}, step=step)
+
     def finish(self) -> None:
         plot_loss_curve(self.path, self.run_dir / "loss_curve.png")
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _end_line(path: Path) -> None:
+    """End a last line cut short by a kill mid-write, so a resumed run's records start on lines of their own."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def _stable_run_id(run_dir: Path) -> str:
@@ -243,8 +268,16 @@ def _format(record: Dict[str, Any]) -> str:
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
+    """Every record, in file order. A line cut short by a kill mid-write does not parse and is dropped
+    (the resumed run logs that step again)."""
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def plot_loss_curve(metrics_path: Path, out_path: Path) -> None:

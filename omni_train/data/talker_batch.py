@@ -141,7 +141,11 @@ def collate_rows(rows: List[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
 
 class SpeechSource:
     """This data-parallel rank's Talker micro-batches (``next_microbatches``), with the loader's state in
-    checkpoints (no packer: rows are whole conversations) and its counts in the metrics."""
+    checkpoints (no packer: rows are whole conversations) and its counts in the metrics. Subclasses change what
+    a sample becomes (``encode``) and how rows make a micro-batch (``collate``)."""
+
+    encode = staticmethod(encode_speech_sample)
+    collate = staticmethod(collate_rows)
 
     def __init__(self, cfg, talker: TalkerConfig, seq_length: int, micro_batch: int, num_micro_batches: int,
                  dp_rank: int, dp_size: int):
@@ -150,7 +154,7 @@ class SpeechSource:
         self.loader = build_loader(
             [(d.path, d.weight) for d in cfg.datasets], weight_by=cfg.weight_by, rank=dp_rank,
             world_size=dp_size, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-            transform=partial(encode_speech_sample, encoder=self.encoder, talker=talker, seq_length=seq_length,
+            transform=partial(self.encode, encoder=self.encoder, talker=talker, seq_length=seq_length,
                               video_fps=cfg.video_fps),
             max_consecutive_failures=cfg.max_consecutive_failures, max_skip_rate=cfg.max_skip_rate,
             min_samples_for_skip_rate=cfg.min_samples_for_skip_rate,
@@ -159,7 +163,7 @@ class SpeechSource:
         self.micro_batch, self.num_micro_batches = micro_batch, num_micro_batches
 
     def next_microbatches(self) -> List[Dict[str, Any]]:
-        return [collate_rows([next(self.loader) for _ in range(self.micro_batch)], self.pad_id)
+        return [self.collate([next(self.loader) for _ in range(self.micro_batch)], self.pad_id)
                 for _ in range(self.num_micro_batches)]
 
     def state_dict(self) -> Dict[str, Any]:

@@ -31,7 +31,7 @@ from omni_train.stages import Stage, multimodal_pretrain
 TALKER_SEED_OFFSET = 104729  # the Talker's init draws apart from the Thinker's
 
 
-def _check(cfg) -> None:
+def check_config(cfg) -> None:
     if cfg.model.talker is None:
         raise ValueError("model.talker: the Talker's stages need a model with a Talker (e.g. model=tiny_omni_talker)")
     if cfg.data.name != "shards" or cfg.data.tokenizer is None:
@@ -40,14 +40,11 @@ def _check(cfg) -> None:
 
 
 def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
-    _check(cfg)
+    check_config(cfg)
     # the frozen Thinker runs under no_grad: nothing to recompute
     thinker_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, recompute="none"))
     thinker = multimodal_pretrain.build_model(thinker_cfg, env, params_dtype, pre_process, post_process)
-    talker_cfg = talker_with_tokenizer_ids(cfg.model.talker, chat_encoder(cfg.data))
-    torch.manual_seed(cfg.trainer.seed + TALKER_SEED_OFFSET)
-    talker = build_talker(talker_cfg, cfg.parallel, device=env.device, params_dtype=params_dtype,
-                          recompute=cfg.trainer.recompute)
+    talker = build_talker_for(cfg, env, params_dtype, cfg.trainer.recompute)
     code2wav = None
     if cfg.model.code2wav is not None:
         with preserved_rng():
@@ -59,15 +56,22 @@ def build_model(cfg, env, params_dtype, pre_process=True, post_process=True):
     return ThinkerTalker(thinker, talker, code2wav)
 
 
+def build_talker_for(cfg, env, params_dtype, recompute: str):
+    """The stage's Talker, seeded apart from the Thinker, with the data tokenizer's ids."""
+    talker_cfg = talker_with_tokenizer_ids(cfg.model.talker, chat_encoder(cfg.data))
+    torch.manual_seed(cfg.trainer.seed + TALKER_SEED_OFFSET)
+    return build_talker(talker_cfg, cfg.parallel, device=env.device, params_dtype=params_dtype, recompute=recompute)
+
+
 def build_data(cfg, env):
-    _check(cfg)
+    check_config(cfg)
     trainer = cfg.trainer
     per_rank = trainer.global_batch_size // env.dp_size
     return SpeechSource(cfg.data, cfg.model.talker, trainer.seq_length, trainer.micro_batch_size,
                         per_rank // trainer.micro_batch_size, env.dp_rank, env.dp_size)
 
 
-def _context_report(context, device):
+def context_report(context, device):
     """{context_<kind>: (conversations with it in their user turns, conversations)}; text: none of them."""
     n = float(len(context))
     report = {f"context_{kind}": sum(kind in kinds for kinds in context) for kind in CONTEXT_KINDS}
@@ -78,7 +82,7 @@ def _context_report(context, device):
 def forward(model, batch, frozen=None):
     out = model(batch)
     codec0 = out["report"]["loss_codec0"]
-    report = {**out["report"], **_context_report(batch["context"], codec0.device)}
+    report = {**out["report"], **context_report(batch["context"], codec0.device)}
 
     def loss_func(loss):
         # model.py's loss is a mean per codebook-0 target (plus the weighted residual mean): times their

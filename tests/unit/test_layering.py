@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "omni_train"
 # lowest first; a module's layer is that of its longest matching prefix
 LAYERS = [
     ("omni_train.config", "omni_train.kernels", "omni_train.compat"),
-    ("omni_train.parallel", "omni_train.metrics", "omni_train.resilience"),
+    ("omni_train.parallel", "omni_train.metrics", "omni_train.summary", "omni_train.resilience"),
     ("omni_train.models",),
     ("omni_train.data", "omni_train.losses", "omni_train.rewards"),
     ("omni_train.checkpoint", "omni_train.planning"),

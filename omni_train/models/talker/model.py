@@ -239,7 +239,8 @@ class Talker(nn.Module):
     def forward(self, samples: List[TalkerSample], return_logits: bool = False):
         """Losses of a batch of conversations: ``loss`` (to optimise), ``loss_codec0`` and ``loss_residual``
         (detached means), ``report`` ({name: [sum, count]}, the loop's loss report); with ``return_logits``
-        also ``codec0_logits`` [B, S, V] (every position) and ``residual_logits`` [N, G-1, V_c]. Under
+        also ``codec0_logits`` [B, S, V] (every position), ``residual_logits`` [N, G-1, V_c] and ``layout``
+        (``teacher_forced_layout``: the targets, frames and state index they go with). Under
         pipeline parallelism every stage gets the same ``samples``; stages before the last return their
         decoder output (the tensor megatron's schedule sends on), the last stage the losses."""
         batch = self.teacher_forced_layout(samples)
@@ -265,7 +266,7 @@ class Talker(nn.Module):
         out = dict(loss=loss, loss_codec0=codec0.detach().mean(), loss_residual=residual.detach().mean(),
                    report=report)
         if return_logits:
-            out.update(codec0_logits=codec0_logits, residual_logits=residual_logits, hidden=hidden)
+            out.update(codec0_logits=codec0_logits, residual_logits=residual_logits, hidden=hidden, layout=batch)
         return out
 
 

@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 from omni_train.config.rewards import RewardsConfig
 from omni_train.config.rollout import GSPOConfig, RolloutConfig
-from omni_train.config.talker import Code2WavConfig, DPOConfig, SpeakerConfig, TalkerConfig
+from omni_train.config.talker import AudioSamplesConfig, Code2WavConfig, DPOConfig, SpeakerConfig, TalkerConfig
 
 
 @dataclass
@@ -257,6 +257,9 @@ class LoggerConfig:
     # "offline" | "online" | "disabled"; tiny recipes read WANDB_MODE and fall back to offline.
     mode: str = "offline"
     run_name: Optional[str] = None
+    # W&B's run group: a pipeline sets one for all its stages (summary.pipeline_group) so they show as one
+    group: Optional[str] = None
+    job_type: Optional[str] = None  # None: the stage's name
 
 
 @dataclass
@@ -340,6 +343,8 @@ class StageConfig:
     # talker_dpo: the preference loss; speaker_finetune: the voice (config/talker.py)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     speaker: Optional[SpeakerConfig] = None
+    # the Talker's stages: spoken samples written and logged when the stage finishes
+    audio_samples: AudioSamplesConfig = field(default_factory=AudioSamplesConfig)
 
 
 @dataclass

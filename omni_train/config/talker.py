@@ -280,3 +280,11 @@ class SpeakerConfig:
     init: str = "mean"
     # Every sample of the stage speaks with this voice, whatever its `speaker` field says (one speaker's data).
     override_data_speaker: bool = True
+
+
+@dataclass
+class AudioSamplesConfig:
+    """``stage.audio_samples``: what a Talker stage speaks when it finishes (stages/audio_samples.py)."""
+
+    count: int = 2  # conversations of the stage's data answered and written as WAVs; 0: none
+    max_frames: int = 125  # the longest generated answer, in 12.5 Hz codec frames (10 s)

@@ -160,7 +160,7 @@ class SupervisedLoop:
         last = trainer.stop_at_step or trainer.max_steps
         if self.state.step >= last:
             session.say(f"nothing to do: already at step {self.state.step} (target {last})")
-        saved_at = self.state.step
+        saved_at = started_at = self.state.step
         preemption = self.preemption = Preemption(self.env.device)
         while self.state.step < last:
             values = self.train_step()
@@ -181,6 +181,8 @@ class SupervisedLoop:
             session.save()  # stop_at_step always saves: the job is expected to be resumed
         if not finished and not preemption.signal_name:
             session.say(f"stopped after step {self.state.step} (trainer.stop_at_step); rerun to resume")
+        if finished and self.state.step > started_at and session.stage.finish is not None:
+            session.stage.finish(session)
         if session.logger is not None:
             session.logger.finish()
         preemption.restore()

@@ -52,6 +52,9 @@ class Stage:
     # (checkpoint path, model) -> what it loaded: how ``init_from`` fills the model (a stage whose model holds
     # more than the checkpoint it starts from); None: every model weight from the checkpoint
     load_init: Optional[Callable[..., str]] = None
+    # (session) -> anything: run by every rank once the stage reaches trainer.max_steps in this run, after the
+    # final checkpoint (the Talker's stages: spoken samples, stages/audio_samples.py); None: nothing
+    finish: Optional[Callable[..., Any]] = None
 
     def forward_options(self, cfg) -> Dict[str, Any]:
         return self.options(cfg) if self.options is not None else {}

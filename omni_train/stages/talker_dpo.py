@@ -29,6 +29,7 @@ from omni_train.frozen import FrozenModel
 from omni_train.losses.dpo import dpo_loss, sequence_logprobs
 from omni_train.parallel.process_state import preserved_rng
 from omni_train.stages import Stage, talker_pretrain
+from omni_train.stages.audio_samples import write_audio_samples
 from omni_train.stages.thinker_talker import ThinkerTalker, load_init as load_thinker_talker
 
 REFERENCE = "frozen.reference.talker."
@@ -122,4 +123,5 @@ def forward(model, batch, frozen=None, *, beta: float, loss_type: str = "sigmoid
     return loss_sum, loss_func
 
 
-STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward, options=options, load_init=load_init)
+STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward, options=options,
+              load_init=load_init, finish=write_audio_samples)

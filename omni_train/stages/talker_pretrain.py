@@ -25,8 +25,9 @@ from omni_train.data.talker_batch import CONTEXT_KINDS, SpeechSource, talker_wit
 from omni_train.models.talker.code2wav import build_code2wav
 from omni_train.models.talker.model import build_talker
 from omni_train.parallel.process_state import preserved_rng
-from omni_train.stages.thinker_talker import ThinkerTalker, load_init
 from omni_train.stages import Stage, multimodal_pretrain
+from omni_train.stages.audio_samples import write_audio_samples
+from omni_train.stages.thinker_talker import ThinkerTalker, load_init
 
 TALKER_SEED_OFFSET = 104729  # the Talker's init draws apart from the Thinker's
 
@@ -94,4 +95,5 @@ def forward(model, batch, frozen=None):
     return out["loss"], loss_func
 
 
-STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward, load_init=load_init)
+STAGE = Stage(build_model=build_model, build_data=build_data, forward=forward, load_init=load_init,
+              finish=write_audio_samples)

@@ -6,7 +6,9 @@ layout takes; the estimate is checked against ``dry_run_gpu_memory_gb`` (omni_tr
 
 With ``model.talker`` set the run described trains the Talker beside the frozen Thinker that conditions
 it: the Thinker's lines are followed by the Talker's counts (total, active per token, by part; its meta
-build), its per-rank share, and the memory estimate is the Talker run's (planning/talker_memory.py).
+build), its per-rank share, what the stage holds besides (talker_dpo's frozen reference Talker, a Code2Wav:
+one line each), and the memory estimate is the Talker run's (planning/talker_memory.py). Nothing here imports
+the stages' code: the stage's name says what it holds.
 
 A stage's frozen models (a teacher, a reference) and, for stage.loop=rollout, its rollout engine get one
 line each and their own terms in the estimate (planning/frozen_memory.py).
@@ -21,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from omni_train.config import ThinkerConfig, ParallelConfig, TalkerConfig, TrainConfig
+from omni_train.config.talker import Code2WavConfig
 from omni_train.planning.frozen_memory import plan_side_models
 from omni_train.planning.memory_estimate import estimate_memory, format_estimate
 from omni_train.planning.param_inventory import (
@@ -31,7 +34,7 @@ from omni_train.planning.param_inventory import (
     talker_rank_parameters,
     tower_parameter_counts,
 )
-from omni_train.planning.talker_memory import estimate_talker_memory
+from omni_train.planning.talker_memory import TalkerRun, estimate_talker_memory, talker_run
 from omni_train.models.thinker.lm import build_thinker_lm, count_parameters, describe_shards
 
 # Placeholder ids for building the towers on the meta device (only the towers' sizes matter there).
@@ -65,6 +68,16 @@ def build_talker_on_meta(talker_cfg: TalkerConfig) -> int:
         return sum(p.numel() for p in model.parameters())
     finally:
         shutdown_parallel()
+
+
+def code2wav_parameters(code2wav: Optional[Code2WavConfig]) -> int:
+    """Parameters of transformers' Code2Wav of ``model.code2wav``'s sizes (built on the meta device); 0 without one."""
+    if code2wav is None:
+        return 0
+    from omni_train.models.talker.code2wav import build_code2wav
+
+    model = build_code2wav(code2wav.hf_config(), device="meta", dtype=torch.bfloat16)
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_towers_on_meta(model_cfg: ThinkerConfig) -> Tuple[int, int]:
@@ -161,6 +174,19 @@ def format_talker(talker: TalkerConfig, parallel_cfg: ParallelConfig, built: Opt
     return "\n".join(lines)
 
 
+def format_talker_run(run: TalkerRun, talker: TalkerConfig, ep: int) -> List[str]:
+    """One line each for what the Talker stage holds besides the trained Talker and the Thinker."""
+    lines = []
+    if run.reference:
+        held = sum(p.numel for p in talker_rank_parameters(talker, ep))
+        lines.append(f"frozen reference Talker (the stage's starting Talker, outside the trained module tree): "
+                     f"{held:,} parameters per rank, no gradients or optimizer state; each micro-batch pair runs "
+                     f"{run.rows_per_sample} rows (chosen, rejected)")
+    if run.code2wav_parameters:
+        lines.append(f"frozen Code2Wav (model.code2wav): {run.code2wav_parameters:,} parameters, replicated")
+    return lines
+
+
 def print_dry_run(cfg: TrainConfig, world_size: int, build: bool = True) -> bool:
     """Print counts, shards and the memory estimate of ``cfg`` on ``world_size`` ranks; whether the
     estimate fits ``cfg.dry_run_gpu_memory_gb``."""
@@ -174,9 +200,12 @@ def print_dry_run(cfg: TrainConfig, world_size: int, build: bool = True) -> bool
         print("\n".join(side.lines), flush=True)
     if talker is not None:
         print(format_talker(talker, cfg.parallel, build_talker_on_meta(talker) if build else None), flush=True)
+        run = talker_run(cfg.stage, code2wav_parameters(cfg.model.code2wav))
+        for line in format_talker_run(run, talker, cfg.parallel.ep):
+            print(line, flush=True)
         print("training the Talker, the Thinker frozen beside it (parameters only):", flush=True)
         estimates = estimate_talker_memory(talker, cfg.model.thinker, cfg.parallel, cfg.trainer, cfg.stage,
-                                           world_size, master_weights=cfg.optim.master_weights)
+                                           world_size, master_weights=cfg.optim.master_weights, run=run)
         for estimate in estimates:
             estimate.items += side.items(estimate.pipeline_stage)
     else:

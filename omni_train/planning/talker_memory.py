@@ -7,7 +7,8 @@ parallel. One rank holds, at the peak of a step:
 Model states
   * the Talker as the trained model (``memory_estimate.state_items``): its parameters (bf16), an fp32
     gradient buffer and sharded optimizer state for the parameters the phase trains (stage patterns over
-    ``talker.<name>``, param_inventory.py), dense ones sharded over all ranks, experts over world / ep;
+    ``talker.<name>``, param_inventory.py; speaker_finetune's ``voice.row`` besides), dense ones sharded over
+    all ranks, experts over world / ep;
   * the Thinker conditioning it: parameters only (frozen: no gradients, no optimizer state; its forward
     runs under no_grad and keeps nothing but the two signals below).
 
@@ -25,12 +26,27 @@ a codec frame (each frame feeds the code predictor and has a codebook-0 and 15 r
   * logits: codebook 0 ([tokens, codec vocab]) and the residual codebooks ([frames, G - 1, codebook]), in
     the parameter dtype plus an fp32 softmax, live together at the end of the forward; with recompute the
     larger of them and one recomputed layer.
-Not counted, besides what memory_estimate.py leaves out: the frozen Thinker's own forward transients (one
-layer and its logits at a time under no_grad, freed before the Talker's forward starts).
+  * the frozen Thinker's forward (no_grad, before the Talker's): its logits over the Thinker vocabulary (the
+    OmniThinker runs every layer and its output layer, nothing kept) and one layer's activations; live before the
+    Talker's activations exist, so it is one more candidate of the step's peak (with the logits and the
+    recomputed layer), an upper bound when it is added to what the Talker keeps.
+
+What the stage holds besides (``TalkerRun``, from the stage's code and model.code2wav):
+  * talker_dpo: a micro-batch of micro_batch_size pairs runs 2 x micro_batch_size rows (the chosen, then the
+    rejected) through the Thinker and the policy Talker; a frozen reference Talker of the trained one's sizes
+    and layout (its parameters in the parameter dtype, no gradients or optimizer state) and its logits
+    ([rows x seq_length, codec vocab] + residual, no_grad, in the parameter dtype), which stay live with the
+    policy's until the DPO loss: counted as if live through the whole step (an upper bound, as
+    frozen_memory.py counts a teacher's logits);
+  * model.code2wav: a frozen Code2Wav (parameters only, replicated; the export takes an import's from its
+    checkpoint, so a run from an import need not hold one).
+Not counted, besides what memory_estimate.py leaves out: the frozen towers' forward transients and the
+reference Talker's own forward transients (one layer at a time under no_grad).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List
 
 from omni_train.config.schema import ParallelConfig, StageConfig, ThinkerConfig, TrainerConfig
@@ -47,9 +63,31 @@ from omni_train.planning.memory_estimate import (
     state_items,
     trains_in_phase,
 )
-from omni_train.planning.param_inventory import rank_parameters, talker_rank_parameters
+from omni_train.planning.param_inventory import RankParam, rank_parameters, talker_rank_parameters
 
 TALKER_PREFIX = "talker."
+VOICE_ROW = "voice.row"  # speaker_finetune's voice: its codec-embedding row, a parameter of its own
+# stage code (stage.base or stage.name) that trains on preference pairs against a frozen reference Talker
+PREFERENCE_STAGES = ("talker_dpo",)
+VOICE_STAGES = ("speaker_finetune",)
+
+
+@dataclass(frozen=True)
+class TalkerRun:
+    """What a Talker stage runs and holds besides the trained Talker and the frozen Thinker."""
+
+    rows_per_sample: int = 1  # rows one sample of micro_batch_size runs: 2 for a preference pair
+    reference: bool = False  # a frozen reference Talker of the trained one's sizes (its parameters and logits)
+    code2wav_parameters: int = 0  # a frozen Code2Wav's parameters (model.code2wav), 0: none held
+    voice: bool = False  # a voice's own codec-embedding row (``voice.row``, hidden_size), trained by the patterns
+
+
+def talker_run(stage: StageConfig, code2wav_parameters: int = 0) -> TalkerRun:
+    """The stage's ``TalkerRun`` (``code2wav_parameters``: model.code2wav's count, 0 without one)."""
+    code = stage.base or stage.name
+    preference = code in PREFERENCE_STAGES
+    return TalkerRun(rows_per_sample=2 if preference else 1, reference=preference,
+                     code2wav_parameters=code2wav_parameters, voice=code in VOICE_STAGES)
 
 
 def talker_layer_activation_bytes(talker: TalkerConfig, tokens: int, act: int) -> int:
@@ -76,9 +114,16 @@ def talker_logit_bytes(talker: TalkerConfig, tokens: int, act: int) -> int:
     return tokens * (talker.codec_vocab_size + residual) * per_logit
 
 
-def _activation_items(talker: TalkerConfig, trainer: TrainerConfig) -> List[MemoryItem]:
+def thinker_forward_bytes(thinker: ThinkerConfig, tokens: int, act: int) -> int:
+    """The frozen Thinker's forward under no_grad: its logits and one layer's activations (an upper bound: a
+    layer keeps nothing for backward, its transients are at most what it would keep)."""
+    return act * tokens * thinker.vocab_size + lm_layer_activation_bytes(thinker, ParallelConfig(), tokens, act)
+
+
+def _activation_items(talker: TalkerConfig, thinker: ThinkerConfig, trainer: TrainerConfig,
+                      rows_per_sample: int) -> List[MemoryItem]:
     act = param_bytes(trainer)
-    tokens = trainer.micro_batch_size * trainer.seq_length
+    tokens = rows_per_sample * trainer.micro_batch_size * trainer.seq_length
     h, layers = talker.hidden_size, talker.num_layers
     layer = talker_layer_activation_bytes(talker, tokens, act)
     recompute = trainer.recompute == "full"
@@ -97,38 +142,71 @@ def _activation_items(talker: TalkerConfig, trainer: TrainerConfig) -> List[Memo
     logits = MemoryItem("logits and loss", talker_logit_bytes(talker, tokens, act),
                         f"codebook 0 [{tokens:,}, {talker.codec_vocab_size:,}] + residual [{tokens:,}, "
                         f"{talker.num_code_groups - 1}, {talker.code_predictor.codebook_size:,}], + fp32 softmax")
-    peaks = [logits] + ([MemoryItem("recomputed layer", layer, "one layer's activations in backward")]
-                        if recompute else [])
+    thinker_forward = MemoryItem("Thinker forward", thinker_forward_bytes(thinker, tokens, act),
+                                 f"no_grad, before the Talker's: logits [{tokens:,}, {thinker.vocab_size:,}] + "
+                                 "one layer")
+    peaks = [logits, thinker_forward] + ([MemoryItem("recomputed layer", layer, "one layer's activations in "
+                                                     "backward")] if recompute else [])
     return items + [max(peaks, key=lambda item: item.bytes)]
+
+
+def _side_items(run: TalkerRun, talker: TalkerConfig, reference_held: int, trainer: TrainerConfig
+                ) -> List[MemoryItem]:
+    """The reference Talker (parameters and logits) and the Code2Wav, when the stage holds them."""
+    pbytes = param_bytes(trainer)
+    items = []
+    if run.reference:
+        tokens = run.rows_per_sample * trainer.micro_batch_size * trainer.seq_length
+        items += [
+            MemoryItem("reference Talker", pbytes * reference_held,
+                       f"frozen: {reference_held:,} parameters (the trained Talker's), no gradients or optimizer "
+                       "state"),
+            MemoryItem("reference logits", pbytes * tokens * (talker.codec_vocab_size + (talker.num_code_groups - 1)
+                                                             * talker.code_predictor.codebook_size),
+                       f"no_grad: codebook 0 [{tokens:,}, {talker.codec_vocab_size:,}] + residual, live until "
+                       "the DPO loss"),
+        ]
+    if run.code2wav_parameters:
+        items.append(MemoryItem("Code2Wav (frozen)", pbytes * run.code2wav_parameters,
+                                f"{run.code2wav_parameters:,} parameters, replicated"))
+    return items
 
 
 def estimate_talker_memory(talker: TalkerConfig, thinker: ThinkerConfig, parallel: ParallelConfig,
                            trainer: TrainerConfig, stage: StageConfig, world_size: int,
-                           master_weights: bool = True) -> List[MemoryEstimate]:
+                           master_weights: bool = True, run: TalkerRun = TalkerRun()) -> List[MemoryEstimate]:
     """One estimate per phase of the stage: the Talker trained (the phase's patterns over ``talker.*``
-    names), the Thinker frozen; ``master_weights``: optim.master_weights."""
+    names), the Thinker frozen; ``master_weights``: optim.master_weights; ``run``: what the stage holds
+    besides (``talker_run``: a reference Talker, a Code2Wav, rows per sample)."""
     if (parallel.tp, parallel.pp, parallel.cp) != (1, 1, 1) or world_size < 1 or world_size % parallel.ep:
         raise ValueError(f"world size {world_size} and tp={parallel.tp} pp={parallel.pp} cp={parallel.cp} "
                          f"ep={parallel.ep} are not a Talker layout (tp = pp = cp = 1, ep dividing the world)")
     layout = Layout(world_size, 1, 1, parallel.ep, 1)
     micro_batches, notes = micro_batch_plan(trainer, layout)
-    params = talker_rank_parameters(talker, parallel.ep)
+    talker_params = talker_rank_parameters(talker, parallel.ep)
+    talker_held = sum(p.numel for p in talker_params)
+    params = talker_params + ([RankParam(VOICE_ROW, talker.hidden_size, expert=False)] if run.voice else [])
     thinker_held = sum(p.numel for p in rank_parameters(thinker, parallel, 0))
+    side_held = (talker_held if run.reference else 0) + run.code2wav_parameters
     pbytes = param_bytes(trainer)
     estimates = []
     for phase, trainable, frozen in stage_phases(stage):
         def trains(name: str) -> bool:
-            return name.startswith(TALKER_PREFIX) and trains_in_phase(name, trainable, frozen)
+            return name.startswith((TALKER_PREFIX, VOICE_ROW)) and trains_in_phase(name, trainable, frozen)
 
         trained = sum(p.numel for p in params if trains(p.name))
         estimate = MemoryEstimate(phase=phase, pipeline_stage=0, layout=layout, micro_batches=micro_batches,
                                   notes=notes, trainable=trained,
-                                  frozen=sum(p.numel for p in params) - trained + thinker_held)
+                                  frozen=sum(p.numel for p in params) - trained + thinker_held + side_held)
         estimate.items += state_items(params, trains, layout, trainer, parallel.distributed_optimizer,
                                       master_weights)
         estimate.items.append(MemoryItem("Thinker (frozen)", pbytes * thinker_held,
                                          f"{thinker_held:,} parameters, no gradients or optimizer state"))
-        estimate.items += _activation_items(talker, trainer)
+        estimate.items += _side_items(run, talker, talker_held, trainer)
+        estimate.items += _activation_items(talker, thinker, trainer, run.rows_per_sample)
+        if run.rows_per_sample > 1:
+            estimate.notes = notes + [f"each of the micro-batch's {trainer.micro_batch_size} preference pair(s) "
+                                      f"runs {run.rows_per_sample} rows (chosen, rejected)"]
         estimates.append(estimate)
     return estimates
 

@@ -65,10 +65,13 @@ def test_every_full_scale_recipe_has_its_dry_run_checked():
     """The full-scale recipes (those naming dry_run_world_size) are the ones whose dry run
     (print_dry_run: parameter counts, memory estimate) tests/configs/test_30b_recipes.py checks."""
     from tests.configs.test_30b_recipes import RECIPES as DRY_RUN_CHECKED
+    from tests.configs.test_30b_talker_recipes import TALKER_RECIPES
 
-    # distill_onpolicy and gspo (a rollout engine beside the policy) have their own dry-run tests there
+    # distill_onpolicy and gspo (a rollout engine beside the policy) have their own dry-run tests there; the
+    # Talker's recipes theirs in test_30b_talker_recipes.py
     full_scale = {r for r in RECIPES if compose([f"recipe={r}"]).dry_run_world_size}
-    assert full_scale == {f"qwen3_omni_30b_a3b/{r}" for r in [*DRY_RUN_CHECKED, "distill_onpolicy", "gspo"]}
+    assert full_scale == {f"qwen3_omni_30b_a3b/{r}"
+                          for r in [*DRY_RUN_CHECKED, "distill_onpolicy", "gspo", *TALKER_RECIPES]}
 
 
 @pytest.mark.parametrize("group,option", GROUPS)

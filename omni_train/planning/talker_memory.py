@@ -26,9 +26,9 @@ a codec frame (each frame feeds the code predictor and has a codebook-0 and 15 r
   * logits: codebook 0 ([tokens, codec vocab]) and the residual codebooks ([frames, G - 1, codebook]), in
     the parameter dtype plus an fp32 softmax, live together at the end of the forward; with recompute the
     larger of them and one recomputed layer.
-  * the frozen Thinker's forward (no_grad, before the Talker's): its logits over the Thinker vocabulary (the
-    OmniThinker runs every layer and its output layer, nothing kept) and one layer's activations; live before the
-    Talker's activations exist, so it is one more candidate of the step's peak (with the logits and the
+  * the frozen Thinker's forward (no_grad, before the Talker's; it stops after the accept layer: no later layer,
+    no logits, models/talker/thinker_signals.py ``run_to_accept_layer``): one layer's activations; live before
+    the Talker's activations exist, so it is one more candidate of the step's peak (with the logits and the
     recomputed layer), an upper bound when it is added to what the Talker keeps.
 
 What the stage holds besides (``TalkerRun``, from the stage's code and model.code2wav):
@@ -115,9 +115,9 @@ def talker_logit_bytes(talker: TalkerConfig, tokens: int, act: int) -> int:
 
 
 def thinker_forward_bytes(thinker: ThinkerConfig, tokens: int, act: int) -> int:
-    """The frozen Thinker's forward under no_grad: its logits and one layer's activations (an upper bound: a
-    layer keeps nothing for backward, its transients are at most what it would keep)."""
-    return act * tokens * thinker.vocab_size + lm_layer_activation_bytes(thinker, ParallelConfig(), tokens, act)
+    """The frozen Thinker's forward under no_grad, stopped after the accept layer: one layer's activations (an
+    upper bound: a layer keeps nothing for backward, its transients are at most what it would keep)."""
+    return lm_layer_activation_bytes(thinker, ParallelConfig(), tokens, act)
 
 
 def _activation_items(talker: TalkerConfig, thinker: ThinkerConfig, trainer: TrainerConfig,
@@ -143,8 +143,7 @@ def _activation_items(talker: TalkerConfig, thinker: ThinkerConfig, trainer: Tra
                         f"codebook 0 [{tokens:,}, {talker.codec_vocab_size:,}] + residual [{tokens:,}, "
                         f"{talker.num_code_groups - 1}, {talker.code_predictor.codebook_size:,}], + fp32 softmax")
     thinker_forward = MemoryItem("Thinker forward", thinker_forward_bytes(thinker, tokens, act),
-                                 f"no_grad, before the Talker's: logits [{tokens:,}, {thinker.vocab_size:,}] + "
-                                 "one layer")
+                                 "no_grad, before the Talker's: one layer (it stops after the accept layer)")
     peaks = [logits, thinker_forward] + ([MemoryItem("recomputed layer", layer, "one layer's activations in "
                                                      "backward")] if recompute else [])
     return items + [max(peaks, key=lambda item: item.bytes)]

@@ -40,7 +40,7 @@ from omni_train.checkpoint import safe_load
 from omni_train.frozen import FrozenModel
 from omni_train.models.talker.conditioning import TalkerSample
 from omni_train.models.talker.model import Talker, _replica_id
-from omni_train.models.talker.thinker_signals import capture_thinker_signals
+from omni_train.models.talker.thinker_signals import run_to_accept_layer
 
 THINKER, TALKER, CODE2WAV = "thinker.", "talker.", "code2wav."
 TALKER_ANCHOR = "talker.backbone.embedding.word_embeddings.weight"  # a checkpoint holds a Talker iff this
@@ -93,12 +93,12 @@ class ThinkerTalker(nn.Module):
 
     @torch.no_grad()
     def thinker_signals(self, batch) -> Dict[str, torch.Tensor]:
-        """The Thinker's input embeddings and accept-layer states [B, L, Ht] of the micro-batch's rows."""
+        """The Thinker's input embeddings and accept-layer states [B, L, Ht] of the micro-batch's rows (its forward
+        stops there: the layers after it and its logits are never computed)."""
         thinker = self.thinker.module
         media = thinker.prepare_media(batch["media"], batch["media_sizes"], batch["input_ids"].device)
-        with capture_thinker_signals(thinker.language_model, self.talker.cfg.accept_hidden_layer) as signals:
-            thinker(batch["input_ids"], batch["position_ids"], **media)
-        return dict(signals)
+        return run_to_accept_layer(lambda: thinker(batch["input_ids"], batch["position_ids"], **media),
+                                   thinker.language_model, self.talker.cfg.accept_hidden_layer)
 
     def samples(self, batch, signals) -> List[TalkerSample]:
         text = self.talker.cfg.text

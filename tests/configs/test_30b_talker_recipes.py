@@ -86,7 +86,7 @@ def test_recipe_is_a_talker_run_on_8_gpu_nodes_that_fits_an_h200(recipe, capsys)
     out = capsys.readouterr().out
     assert "training the Talker, the Thinker frozen beside it" in out
     assert re.search(r"Thinker \(frozen\)\s+12\.70 GB\s+6,352,054,896 parameters", out)  # LM at ep=8 + towers
-    for term in ("gradients", "optimizer", "code predictor", "Thinker forward"):
+    for term in ("gradients", "optimizer", "code predictor", "logits and loss"):  # the peak: the Talker's logits
         assert re.search(rf"\n    {term}\s+[\d.]+ GB", out), term
     total = float(re.search(r"fits: ([\d.]+) GB of 141 GB per GPU", out).group(1))
     assert 40 < total <= H200_GB

@@ -193,13 +193,13 @@ STATES = {"parameters": 2 * 1408, "gradients": 4 * 1408, "optimizer": 12 * (1312
 #   code predictor per frame: G=3 x (layer 2h + (5a+3g)d + 2h + 4F = 16 + 52 + 16 + 32 = 116, + 2h = 16)
 #     = 396 elements x 2 bytes, x 16 frames                                                     = 12672
 #   logits 16 x (V + (G-1) x C = 16 + 8) x (2 + 4)                                              = 2304
-#   the frozen Thinker's forward (no_grad, before the Talker's): logits 2 x 16 x V=32 = 1024 + one THINKER layer
-#     (attention 2 x 16 x (16 + 52) = 2176, router 512 + 256, experts 2 x 16 x (kh + 5kF = 16 + 60) + 128 = 2560)
-#                                                                                               = 6528
+#   the frozen Thinker's forward (no_grad, before the Talker's, stopped after the accept layer: no logits): one
+#     THINKER layer (attention 2 x 16 x (16 + 52) = 2176, router 512 + 256, experts 2 x 16 x (kh + 5kF = 16 + 60)
+#     + 128 = 2560)                                                                             = 5504
 #   Only the largest of the logits, the Thinker's forward and (with recompute) one recomputed layer counts: here
 #   the Thinker's forward.
 ACTIVATIONS = {"Talker activations": 5184, "Talker inputs": 768, "conditioning": 1024, "code predictor": 12672,
-               "Thinker forward": 6528}
+               "Thinker forward": 5504}
 
 
 def _trainer(**kw):
@@ -224,7 +224,7 @@ def test_talker_memory_with_full_recompute_keeps_layer_inputs_and_one_layer():
     _, items = _estimate(recompute="full")
     expected = {k: v for k, v in {**STATES, **ACTIVATIONS}.items() if k != "Talker activations"}
     # layer inputs 2 x 16 x 8; the recomputed layer (5,184 B) outweighs the logits (2,304 B), never live with them,
-    # and the Thinker's forward (6,528 B) outweighs both
+    # and the Thinker's forward (5,504 B) outweighs both
     assert items == {**expected, "Talker layer inputs": 256}
     assert talker_layer_activation_bytes(TALKER, 16, 2) == 5184
 

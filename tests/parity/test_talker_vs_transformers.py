@@ -36,7 +36,7 @@ from omni_train.models.talker.config import CodecIds, CodePredictorConfig, Talke
 from omni_train.models.talker.generate import greedy_codes
 from omni_train.models.talker.hf_config import hf_talker_config, hf_top_level_ids, talker_config_from_hf
 from omni_train.models.talker.model import build_talker
-from omni_train.models.talker.thinker_signals import capture_thinker_signals
+from omni_train.models.talker.thinker_signals import capture_thinker_signals, run_to_accept_layer
 from omni_train.models.talker.weights import code2wav_to_hf, hf_to_code2wav, hf_to_talker, talker_to_hf
 from omni_train.models.thinker.bridge import hf_to_megatron
 from omni_train.models.thinker.omni import build_omni_thinker
@@ -362,6 +362,12 @@ def test_our_thinker_signals_give_generate_context(megatron_world1, generated):
     diff = (context.inputs_embeds - g.calls[0]["inputs_embeds"][0]).abs().max().item()
     print(f"\n[talker generate] context from our Thinker: diff {diff:.2e}")
     assert diff <= CONTEXT_ATOL
+    # what the Talker stages run: the same forward stopped after the accept layer gives the same signals
+    with torch.no_grad():
+        stopped = run_to_accept_layer(
+            lambda: thinker(ids, torch.arange(ids.shape[1]).expand(3, 1, -1), None, **g.audio),
+            thinker.language_model, g.cfg.accept_hidden_layer)
+    assert torch.equal(stopped["embeds"], signals["embeds"]) and torch.equal(stopped["hidden"], signals["hidden"])
 
 
 def test_greedy_codes_and_waveform_match_generate(megatron_world1, generated):

@@ -22,18 +22,24 @@ the first stage beside the Talker's first stage (models/talker/model.py).
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator
+from typing import Any, Callable, Dict, Iterator
 
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 
+class SignalsCaptured(Exception):
+    """Raised by the accept layer's hook under ``stop=True``: the Talker needs nothing after it."""
+
+
 @contextlib.contextmanager
-def capture_thinker_signals(language_model: torch.nn.Module, accept_hidden_layer: int) -> Iterator[Dict]:
+def capture_thinker_signals(language_model: torch.nn.Module, accept_hidden_layer: int,
+                            stop: bool = False) -> Iterator[Dict]:
     """Yields a dict that each forward of ``language_model`` (a megatron GPTModel holding the whole sequence and
     all its layers: pp = cp = 1; any tp, the whole sequence gathered under sequence parallelism) fills with
     ``embeds`` and ``hidden`` [B, S, Ht] (views, no copy, at tp = 1; without autograd history when the Thinker
-    runs frozen under no_grad)."""
+    runs frozen under no_grad). ``stop``: the accept layer's hook raises ``SignalsCaptured`` once it has stored
+    them (``run_to_accept_layer``), so the later layers and the output logits are never computed."""
     layers, config = language_model.decoder.layers, language_model.config
     if not 1 <= accept_hidden_layer <= len(layers) or config.pipeline_model_parallel_size > 1:
         raise ValueError(f"accept_hidden_layer {accept_hidden_layer}: the model holds {len(layers)} decoder layers"
@@ -54,6 +60,8 @@ def capture_thinker_signals(language_model: torch.nn.Module, accept_hidden_layer
 
     def layer_output(module, args, output):
         store["hidden"] = whole(output[0])
+        if stop:  # every tensor-parallel rank reaches it at the same layer: no collective left half-done
+            raise SignalsCaptured()
 
     handles = [language_model.decoder.register_forward_pre_hook(decoder_input, with_kwargs=True),
                layers[accept_hidden_layer - 1].register_forward_hook(layer_output)]
@@ -62,3 +70,18 @@ def capture_thinker_signals(language_model: torch.nn.Module, accept_hidden_layer
     finally:
         for handle in handles:
             handle.remove()
+
+
+def run_to_accept_layer(forward: Callable[[], Any], language_model: torch.nn.Module,
+                        accept_hidden_layer: int) -> Dict[str, torch.Tensor]:
+    """``embeds`` and ``hidden`` of the Thinker forward that ``forward()`` starts, which stops after the accept
+    layer (a frozen Thinker conditioning the Talker: the release reads layer 24 of 48 and never the Thinker's
+    logits, so half the layers and the logits over its vocabulary are skipped)."""
+    with capture_thinker_signals(language_model, accept_hidden_layer, stop=True) as signals:
+        try:
+            forward()
+        except SignalsCaptured:
+            pass
+    if "hidden" not in signals:
+        raise RuntimeError("the Thinker's forward returned without reaching its accept layer")
+    return dict(signals)

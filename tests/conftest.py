@@ -157,3 +157,82 @@ def tiny_hf_omni_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_omni")
     tiny_omni_model().save_pretrained(path, max_shard_size="200KB")
     return path
+
+# The Talker's synthetic speech and its pretraining run, shared by the Talker stages' tests
+# (tests/posttrain/test_talker_stages.py, tests/integration/test_export_talker_run.py).
+TALKER_STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def speech_root(tmp_path_factory):
+    """`omni-data synth-suite` of the spoken kinds (ROOT/speech, ROOT/long_speech, ROOT/tokenizer) and ROOT/bad:
+    two conversations, the second's speech without codec targets."""
+    import json
+
+    import numpy as np
+
+    from data_pipelines.build import BuildOptions, build
+    from data_pipelines.posttrain_synth import speech_entry
+    from data_pipelines.pretrain_synth import synth_suite
+    from data_pipelines.sources import ManifestSource
+
+    root = tmp_path_factory.mktemp("speech")
+    synth_suite(str(root), {"speech": 8, "long_speech": 4})
+    src = root / "bad_src"
+    src.mkdir()
+    entries = [speech_entry(i, np.random.default_rng(i), str(src))[0] for i in range(2)]
+    del entries[1]["messages"][1]["content"][1]["codec"]
+    (src / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    result = build(ManifestSource(str(src / "manifest.jsonl")), str(root / "bad"), BuildOptions(progress=False))
+    assert not result.errors
+    return root
+
+
+@pytest.fixture(scope="session")
+def thinker_checkpoint(speech_root, tmp_path_factory):
+    """A freshly initialised tiny Thinker (tiny_omni, the speech tokenizer's ids) saved as a checkpoint."""
+    import json
+
+    from megatron.core import dist_checkpointing
+    from omegaconf import OmegaConf
+
+    from omni_train.checkpoint.manager import MARKER
+    from omni_train.config import compose
+    from omni_train.config.schema import ParallelConfig, ThinkerConfig
+    from omni_train.data.shards import chat_encoder
+    from omni_train.models.thinker.hf_config import hf_thinker_config
+    from omni_train.models.thinker.omni import build_omni_thinker
+    from omni_train.parallel.setup import init_parallel, shutdown_parallel
+
+    cfg = compose(["recipe=tiny/talker_pretrain", f"data.tokenizer={speech_root / 'tokenizer'}"])
+    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ThinkerConfig), cfg.model.thinker))
+    step = tmp_path_factory.mktemp("thinker") / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    init_parallel(ParallelConfig(), torch.device("cpu"), seed=0)
+    try:
+        model = build_omni_thinker(hf_thinker_config(model_cfg, chat_encoder(cfg.data).ids), model_cfg,
+                                   ParallelConfig(), device="cpu", params_dtype=torch.float32)
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(step))
+    finally:
+        shutdown_parallel()
+    (step / MARKER).write_text(json.dumps({"step": 1, "consumed_samples": 0}))
+    return step
+
+
+def talker_overrides(root, run_dir, *extra):
+    return ["recipe=tiny/talker_pretrain", f"run_dir={run_dir}", f"data.tokenizer={root / 'tokenizer'}",
+            f"data.datasets=[{{path: {root / 'speech'}, weight: 1.0}}, {{path: {root / 'bad'}, weight: 0.25}}]",
+            f"trainer.max_steps={TALKER_STEPS}", "checkpoint.save_every=3", *extra]
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(speech_root, thinker_checkpoint, tmp_path_factory):
+    """(run dir, overrides, the finished process): tiny/talker_pretrain from thinker_checkpoint, TALKER_STEPS steps
+    with checkpoints every 3 (tests/posttrain/test_talker_stages.py checks it; later Talker stages start from it)."""
+    from cli import omni_train
+
+    run_dir = tmp_path_factory.mktemp("talker") / "talker_pretrain"
+    overrides = talker_overrides(speech_root, run_dir, f"init_from={thinker_checkpoint}")
+    proc = omni_train(overrides)
+    return run_dir, overrides, proc

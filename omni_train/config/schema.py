@@ -407,6 +407,10 @@ class PipelineConfig:
     # Printed at the end: the exported model's greedy answer to this prompt (null: no generation)
     prompt: Optional[str] = "Describe what you see."
     max_new_tokens: int = 16
+    # An export with a Talker also speaks the answer (run_dir/answer.wav): in this voice (a name of its
+    # talker_config.speaker_id; null: the first), at most this many 12.5 Hz codec frames
+    speaker: Optional[str] = None
+    max_audio_frames: int = 50
 
 
 @dataclass

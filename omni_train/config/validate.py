@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+from typing import List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from omni_train.config.compose import ConfigError
-from omni_train.config.talker import talker_config_problems, talker_layout_problems
+from omni_train.config.talker import (
+    DPO_CODEBOOKS, DPO_LOSS_TYPES, SUPPRESSED_CODEC_SPAN, talker_config_problems, talker_layout_problems,
+)
 
 CHOICES = {
     "parallel.token_dispatcher": ("alltoall", "allgather"),
@@ -202,6 +206,103 @@ def _check_talker(cfg: DictConfig) -> None:
              f"{', '.join(TALKER_STAGES)}); drop the Talker (a model without it) or dry_run=true plans one")
 
 
+def _check_dpo(cfg: DictConfig) -> None:
+    """stage.dpo of the talker_dpo stage (losses/dpo.py's rules, before anything is built)."""
+    if (cfg.stage.base or cfg.stage.name) != "talker_dpo":
+        return
+    dpo = cfg.stage.dpo
+    _require(dpo.loss_type in DPO_LOSS_TYPES, "stage.dpo.loss_type",
+             f"{dpo.loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+    _require(dpo.codebooks in DPO_CODEBOOKS, "stage.dpo.codebooks",
+             f"{dpo.codebooks!r} is not one of {', '.join(DPO_CODEBOOKS)} (codebook 0 only, or every codebook)")
+    _require(dpo.beta > 0, "stage.dpo.beta", f"must be > 0, got {dpo.beta}")
+    _require(dpo.sft_weight >= 0, "stage.dpo.sft_weight", f"must be >= 0, got {dpo.sft_weight}")
+    _require(dpo.loss_type != "ipo" or dpo.label_smoothing == 0, "stage.dpo.label_smoothing",
+             "ipo takes no label smoothing")
+    _require(0 <= dpo.label_smoothing < 0.5, "stage.dpo.label_smoothing",
+             f"must be in [0, 0.5), got {dpo.label_smoothing}")
+
+
+VOICE_NAME = re.compile(r"[a-z0-9_-]+")  # generate(speaker=...) looks the name up lowercased; a checkpoint key part
+
+
+def voice_id_span(talker) -> Tuple[int, int]:
+    """[lo, hi): the codec ids a new voice may take: inside the codec vocabulary, above codebook 0's codes and in
+    the top SUPPRESSED_CODEC_SPAN ids, which transformers' generate never samples (only eos, a taken id)."""
+    return (max(talker.code_predictor.codebook_size, talker.codec_vocab_size - SUPPRESSED_CODEC_SPAN),
+            talker.codec_vocab_size)
+
+
+def _taken_codec_ids(talker) -> set:
+    c = talker.codec
+    return {c.pad, c.bos, c.eos, c.nothink, c.think_bos, c.think_eos, *c.speakers.values()}
+
+
+def speaker_codec_id(speaker, talker) -> int:
+    """The codec id of voice ``speaker.name`` (stage.speaker): a configured speaker's own; else ``speaker.id``;
+    else the first free id above every special and speaker id (the release's speakers are 2301-2303: a new one
+    gets 2304), wrapping to the lowest free id of ``voice_id_span``. ValueError when none is free."""
+    if speaker.name in talker.codec.speakers:
+        return talker.codec.speakers[speaker.name]
+    if speaker.id is not None:
+        return speaker.id
+    lo, hi = voice_id_span(talker)
+    taken = _taken_codec_ids(talker)
+    above = max(taken) + 1
+    free = [i for i in [*range(max(above, lo), hi), *range(lo, hi)] if i not in taken]
+    if not free:
+        raise ValueError(f"no free codec id in {lo}..{hi - 1}")
+    return free[0]
+
+
+def speaker_problems(speaker, talker) -> List[Tuple[str, str]]:
+    """(key, problem) for a stage.speaker (SpeakerConfig) that model.talker cannot take; keys are
+    ``stage.speaker.<field>``."""
+    name = speaker.name
+    if not VOICE_NAME.fullmatch(name or ""):
+        return [("stage.speaker.name", f"{name!r} must be a lowercase word of a-z, 0-9, '_', '-' (transformers' "
+                                       "generate looks speakers up lowercased)")]
+    speakers = dict(talker.codec.speakers)
+    if name in speakers:  # an existing voice is refined at its own id, from its own row
+        if speaker.id is not None and speaker.id != speakers[name]:
+            return [("stage.speaker.id", f"{speaker.id}: {name!r} is model.talker.codec.speakers' voice at "
+                                         f"{speakers[name]} (leave stage.speaker.id null to refine it)")]
+        return []
+    problems = []
+    lo, hi = voice_id_span(talker)
+    if speaker.id is not None:
+        taken = {v: k for k, v in speakers.items()}
+        taken.update({getattr(talker.codec, k): f"codec.{k}" for k in ("pad", "bos", "eos", "nothink", "think_bos",
+                                                                       "think_eos")})
+        if not lo <= speaker.id < hi:
+            problems.append(("stage.speaker.id", f"{speaker.id} is outside {lo}..{hi - 1} (above codebook 0's "
+                                                 "codes, in the ids generate never samples)"))
+        elif speaker.id in taken:
+            problems.append(("stage.speaker.id", f"{speaker.id} is taken by {taken[speaker.id]!r}"))
+    else:
+        try:
+            speaker_codec_id(speaker, talker)
+        except ValueError as error:
+            problems.append(("stage.speaker.id", str(error)))
+    if speaker.init != "mean" and speaker.init not in speakers:
+        problems.append(("stage.speaker.init", f"{speaker.init!r} is neither 'mean' nor one of "
+                                               f"model.talker.codec.speakers ({', '.join(sorted(speakers))})"))
+    elif speaker.init == "mean" and not speakers:
+        problems.append(("stage.speaker.init", "'mean' of no speakers: model.talker.codec.speakers is empty"))
+    return problems
+
+
+def _check_speaker(cfg: DictConfig) -> None:
+    """stage.speaker: set for the speaker_finetune stage (its voice: a name, a legal free id, a known init)."""
+    if (cfg.stage.base or cfg.stage.name) != "speaker_finetune" or cfg.model.talker is None:
+        return
+    _require(cfg.stage.speaker is not None, "stage.speaker", "speaker_finetune needs the voice it trains "
+             "(stage.speaker.name)")
+    problems = speaker_problems(cfg.stage.speaker, cfg.model.talker)
+    if problems:
+        raise ConfigError(*problems[0])
+
+
 def _check_layout(cfg: DictConfig, world_size: int) -> None:
     par, model, trainer = cfg.parallel, cfg.model.thinker, cfg.trainer
     model_parallel = par.tp * par.pp * par.cp
@@ -254,6 +355,8 @@ def validate_config(cfg: DictConfig, world_size: int, cuda_available: bool) -> N
     _check_shards(cfg)
     _check_towers(cfg)
     _check_talker(cfg)
+    _check_speaker(cfg)
+    _check_dpo(cfg)
     _check_layout(cfg, world_size)
     trainer = cfg.trainer
     if cfg.dry_run:

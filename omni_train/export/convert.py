@@ -55,7 +55,9 @@ from omni_train.models.thinker.bridge import (
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 CARRIED = "carried."
-TRAINING_STATE = ("optimizer.",)  # what a training checkpoint holds besides the model: not exported
+# what a training checkpoint holds besides the model, not exported: optimizer state, a stage's frozen models
+# (talker_dpo's reference Talker: frozen.reference.*)
+TRAINING_STATE = ("optimizer.", "frozen.")
 
 # Source layouts (the architecture config.json names, its text config): models/thinker/hf_sources.py
 def _rank() -> int:
@@ -210,8 +212,8 @@ def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path
     An imported checkpoint (or one trained from an import) takes its HF config from the import; each part
     (Thinker LM, Talker, Code2Wav, carried tensors) comes from the checkpoint where it holds one, else from
     the import it was trained from. A run trained from scratch has no HF provenance: its HF config and
-    tokenizer come from the run's config.yaml (export/from_run.py) and only what it holds (the Thinker: LM
-    and towers) is exported, without talker / code2wav.
+    tokenizer come from the run's config.yaml (export/from_run.py) and only what it trained is exported: the
+    Thinker (LM and towers), and for a Talker stage's run its Talker and Code2Wav too.
     """
     ckpt, out = resolve_checkpoint(ckpt), Path(out)
     source = json.loads((ckpt / MARKER).read_text()).get("hf_source")
@@ -219,6 +221,7 @@ def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path
     if source is None:
         run = read_run(ckpt)  # before writing anything: a missing piece fails first
         cfg, source = run.model, "qwen3_omni_moe"
+        hf_config = run.hf_config.to_dict() if run.talker is not None else None
     elif source not in SOURCES:
         raise ValueError(f"{ckpt / MARKER}: field 'hf_source' is {source!r}, expected one of {sorted(SOURCES)}")
     else:
@@ -229,9 +232,12 @@ def export_hf(ckpt: Path, out: Path, max_shard_bytes: int = 2 * 1024**3) -> Path
         for name in CONFIG_FILES:
             if (ckpt / name).exists():
                 shutil.copy(ckpt / name, out / name)
+        if (out / "config.json").exists():  # a voice speaker_finetune added after the import
+            audio_output.add_voices(out / "config.json", audio_output.checkpoint_voices(ckpt))
     else:
         write_hf_files(run, out, dtype)
-        print(f"omni-convert export: {NO_TALKER_NOTE}", flush=True)
+        if run.talker is None:
+            print(f"omni-convert export: {NO_TALKER_NOTE}", flush=True)
     return out
 
 

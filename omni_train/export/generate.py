@@ -72,3 +72,33 @@ def generate_text(export_dir: Path, prompt: str, max_new_tokens: int = 32, image
     input_ids, towers = encode_prompt(encoder, prompt, image, audio)
     new = generate_ids(model, encoder, input_ids, max_new_tokens, stop_at_eos, **towers)
     return encoder.tokenizer.decode(new.tolist(), skip_special_tokens=False)
+
+
+@torch.no_grad()
+def generate_speech(export_dir: Path, prompt: str, out_wav: Path, speaker: Optional[str] = None,
+                    max_new_tokens: int = 32, max_frames: int = 50, image: Optional[Path] = None,
+                    audio: Optional[Path] = None) -> Tuple[str, float]:
+    """The export's spoken answer to ``prompt``: transformers' ``generate(return_audio=True)``, the Thinker and
+    the Talker both greedy (the Talker with generate's repetition penalty), the Talker's codes through the
+    export's Code2Wav into a 24 kHz WAV at ``out_wav``. ``speaker``: a name of ``talker_config.speaker_id``
+    (None: the first). Returns (the answer's text, seconds of speech)."""
+    from omni_train.models.talker.code2wav import SAMPLE_RATE, write_wav
+
+    model, encoder = load_export(export_dir)
+    if not model.has_talker:
+        raise ValueError(f"{export_dir}: no Talker in the export (enable_audio_output=false): it cannot speak")
+    voices = model.config.talker_config.speaker_id
+    voice = speaker or next(iter(voices))
+    if voice.lower() not in voices:
+        raise ValueError(f"{export_dir}: no voice {voice!r} in talker_config.speaker_id ({', '.join(voices)})")
+    input_ids, towers = encode_prompt(encoder, prompt, image, audio)
+    eos = encoder.ids["im_end"]
+    sequences, waveform = model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), return_audio=True, speaker=voice,
+        thinker_max_new_tokens=max_new_tokens, thinker_eos_token_id=eos, thinker_pad_token_id=encoder.ids["pad"],
+        thinker_do_sample=False, talker_do_sample=False, talker_max_new_tokens=max_frames, **towers)
+    new = sequences[0, input_ids.shape[1]:]
+    new = new[:-1] if len(new) and int(new[-1]) == eos else new
+    waveform = waveform.flatten() if waveform is not None else torch.zeros(0)
+    write_wav(out_wav, waveform, SAMPLE_RATE)
+    return encoder.tokenizer.decode(new.tolist(), skip_special_tokens=False), waveform.numel() / SAMPLE_RATE

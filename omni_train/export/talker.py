@@ -8,6 +8,9 @@ Checkpoint keys:
                  checkpoint whose model is the Talker alone (``CheckpointManager`` saving a ``Talker``) holds
                  the same keys without ``talker.``; both are read.
     code2wav.*   the Code2Wav wrapper's state dict (``model.*``: transformers' module by its HF names), replicated.
+    voice.*      a speaker_finetune checkpoint's voice (stages/speaker_finetune.py): ``voice.<name>.id`` (int64 [1])
+                 and ``voice.<name>.row``, already written into the codec table's row at that id; export names
+                 it in ``talker_config.speaker_id`` (``checkpoint_voices``) and writes nothing else of it.
 
 Import builds this rank's Talker for the layout (per-expert parameters on "meta", then empty CPU storage),
 fills it from the HF tensors it needs and saves its sharded state. Our Talker runs at tp = pp = cp = 1 and
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -51,6 +55,8 @@ CODE2WAV = "code2wav."  # checkpoint key prefix of the Code2Wav wrapper's state 
 KEY_PREFIXES = (TALKER, "")  # where a checkpoint may hold the Talker: joint / imported, or a Talker-only model
 ANCHOR = "backbone.embedding.word_embeddings.weight"  # a checkpoint holds a Talker iff it holds this
 HF_PREFIXES = ("talker.", "code2wav.")  # the HF tensors of the audio output
+VOICE = "voice."  # a fine-tuned voice's keys (stages/speaker_finetune.py)
+VOICE_ID = re.compile(r"^voice\.([^.]+)\.id$")
 LAYERS = "backbone.decoder.layers."
 IMPORTED = "talker"  # the marker's ``audio_output`` when the Talker was imported as a model
 
@@ -260,6 +266,25 @@ def batches(metadata: dict, keys: List[str], budget: int) -> Iterator[List[str]]
         yield batch
 
 
+def checkpoint_voices(ckpt: Path) -> Dict[str, int]:
+    """{voice name: codec id} of the voices a checkpoint records (``voice.<name>.id``; none: empty)."""
+    metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    keys = [k for k in metadata if VOICE_ID.match(k)]
+    if not keys:
+        return {}
+    return {VOICE_ID.match(k).group(1): int(t) for k, t in read_whole(Path(ckpt), metadata, keys).items()}
+
+
+def add_voices(config_path: Path, voices: Dict[str, int]) -> None:
+    """Name ``voices`` in the ``talker_config.speaker_id`` of an HF config.json (an imported run's config,
+    copied as is, predates them)."""
+    config = json.loads(Path(config_path).read_text())
+    if not voices or not config.get("talker_config"):
+        return
+    config["talker_config"]["speaker_id"] = {**(config["talker_config"].get("speaker_id") or {}), **voices}
+    Path(config_path).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_code2wav(path: Path, metadata: dict, keys: List[str], writer: ShardedWriter, budget: int) -> set:
     for batch in batches(metadata, keys, budget):
         for key, tensor in read_whole(path, metadata, batch).items():
@@ -279,6 +304,7 @@ def write_audio_output(sources, hf_config: Optional[dict], writer: ShardedWriter
             raise ValueError(f"{path} holds a Talker ({prefix}backbone.*) but the export's config has no audio "
                              "output (enable_audio_output=false or no talker_config) to export it into")
         used.setdefault(path, set()).update(write_talker(path, metadata, prefix, cfg, writer))
+        used[path].update(k for k in metadata if k.startswith(VOICE))  # in the codec table and speaker_id already
     code2wav = find_code2wav(sources)
     if code2wav is not None:
         path, metadata, keys = code2wav

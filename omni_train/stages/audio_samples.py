@@ -12,30 +12,16 @@ carried from an import) or with ``stage.audio_samples.count=0``.
 from __future__ import annotations
 
 import json
-import wave
 from pathlib import Path
 from typing import List, Tuple
 
-import numpy as np
 import torch
 
 from omni_train.data.batch import to_device
 from omni_train.models.common.moe_load import uncounted
+from omni_train.models.talker.code2wav import SAMPLE_RATE, write_wav
 from omni_train.models.talker.conditioning import build_context
 from omni_train.models.talker.generate import greedy_codes
-
-SAMPLE_RATE = 24000  # Code2Wav's output: 1,920 samples per 12.5 Hz codec frame
-
-
-def write_wav(path: Path, waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> None:
-    """[n] floats in [-1, 1] -> a mono 16-bit PCM WAV."""
-    pcm = (waveform.detach().float().clamp(-1, 1).cpu().numpy() * 32767).round().astype(np.int16)
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(sample_rate)
-        out.writeframes(pcm.tobytes())
-
 
 def _speak(code2wav, codes: torch.Tensor) -> torch.Tensor:
     """[K, G] codes -> [n] waveform (empty for no frames)."""

@@ -5,7 +5,6 @@ whose speech has no codec targets is skipped and counted, a resumed run repeats 
 losses bit for bit; talker_cpt continues from its checkpoint at 4x the length on long speech."""
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -13,9 +12,8 @@ import pytest
 import torch
 
 from cli import metrics, omni_train
+from tests.conftest import TALKER_STEPS as STEPS
 from tests.integration.test_multimodal_stage import _rerun_from
-
-STEPS = 6
 
 
 def _tensors(step_dir, keep):
@@ -29,72 +27,6 @@ def _tensors(step_dir, keep):
              if isinstance(m, TensorStorageMetadata) and keep(k)}
     load(state, storage_reader=FileSystemReader(str(step_dir)), no_dist=True)
     return state
-
-
-@pytest.fixture(scope="module")
-def speech_root(tmp_path_factory):
-    """`omni-data synth-suite` of the spoken kinds (ROOT/speech, ROOT/long_speech, ROOT/tokenizer) and ROOT/bad:
-    two conversations, the second's speech without codec targets."""
-    from data_pipelines.build import BuildOptions, build
-    from data_pipelines.posttrain_synth import speech_entry
-    from data_pipelines.pretrain_synth import synth_suite
-    from data_pipelines.sources import ManifestSource
-
-    root = tmp_path_factory.mktemp("speech")
-    synth_suite(str(root), {"speech": 8, "long_speech": 4})
-    src = root / "bad_src"
-    src.mkdir()
-    entries = [speech_entry(i, np.random.default_rng(i), str(src))[0] for i in range(2)]
-    del entries[1]["messages"][1]["content"][1]["codec"]
-    (src / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    result = build(ManifestSource(str(src / "manifest.jsonl")), str(root / "bad"), BuildOptions(progress=False))
-    assert not result.errors
-    return root
-
-
-@pytest.fixture(scope="module")
-def thinker_checkpoint(speech_root, tmp_path_factory):
-    """A freshly initialised tiny Thinker (tiny_omni, the speech tokenizer's ids) saved as a checkpoint."""
-    from megatron.core import dist_checkpointing
-    from omegaconf import OmegaConf
-
-    from omni_train.checkpoint.manager import MARKER
-    from omni_train.config import compose
-    from omni_train.config.schema import ParallelConfig, ThinkerConfig
-    from omni_train.data.shards import chat_encoder
-    from omni_train.models.thinker.hf_config import hf_thinker_config
-    from omni_train.models.thinker.omni import build_omni_thinker
-    from omni_train.parallel.setup import init_parallel, shutdown_parallel
-    from tests.conftest import free_port
-
-    cfg = compose(["recipe=tiny/talker_pretrain", f"data.tokenizer={speech_root / 'tokenizer'}"])
-    model_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ThinkerConfig), cfg.model.thinker))
-    step = tmp_path_factory.mktemp("thinker") / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    init_parallel(ParallelConfig(), torch.device("cpu"), seed=0)
-    try:
-        model = build_omni_thinker(hf_thinker_config(model_cfg, chat_encoder(cfg.data).ids), model_cfg,
-                                   ParallelConfig(), device="cpu", params_dtype=torch.float32)
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(step))
-    finally:
-        shutdown_parallel()
-    (step / MARKER).write_text(json.dumps({"step": 1, "consumed_samples": 0}))
-    return step
-
-
-def _overrides(root, run_dir, *extra):
-    return ["recipe=tiny/talker_pretrain", f"run_dir={run_dir}", f"data.tokenizer={root / 'tokenizer'}",
-            f"data.datasets=[{{path: {root / 'speech'}, weight: 1.0}}, {{path: {root / 'bad'}, weight: 0.25}}]",
-            f"trainer.max_steps={STEPS}", "checkpoint.save_every=3", *extra]
-
-
-@pytest.fixture(scope="module")
-def pretrain_run(speech_root, thinker_checkpoint, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("talker") / "talker_pretrain"
-    overrides = _overrides(speech_root, run_dir, f"init_from={thinker_checkpoint}")
-    proc = omni_train(overrides)
-    return run_dir, overrides, proc
 
 
 def test_both_losses_fall_and_the_thinker_stays_frozen(pretrain_run, thinker_checkpoint):
@@ -176,3 +108,21 @@ def test_only_the_talker_stages_take_a_talker(speech_root, recipe, model, words)
     with pytest.raises(ConfigError) as error:
         validate_config(cfg, world_size=1, cuda_available=False)
     assert error.value.key == "model.talker" and words in error.value.problem
+
+
+def test_the_finished_stage_speaks(pretrain_run):
+    """stage.audio_samples: the trained Talker's greedy answer to one conversation of its data, and the data's own
+    codes, through the run's seeded Code2Wav into 24 kHz WAVs, listed in audio/samples.jsonl."""
+    import wave
+
+    run_dir, _, proc = pretrain_run
+    assert f"audio samples: 2 WAVs (24000 Hz) in {run_dir / 'audio'}" in proc.stdout
+    (record,) = [json.loads(line) for line in (run_dir / "audio" / "samples.jsonl").read_text().splitlines()]
+    assert record["step"] == STEPS and 0 < record["generated_frames"] <= 25 and record["target_frames"] > 0
+    for name, frames in zip(record["files"], (record["generated_frames"], record["target_frames"])):
+        with wave.open(str(run_dir / "audio" / name)) as wav:
+            assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24000, 1, 2)
+            # Code2Wav: 1,920 samples per 12.5 Hz frame, less its transposed convolutions' trim
+            assert 1920 * (frames - 1) < wav.getnframes() <= 1920 * frames, (name, wav.getnframes(), frames)
+            pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
+            assert np.abs(pcm).max() > 0  # sound, not silence

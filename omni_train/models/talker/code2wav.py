@@ -11,6 +11,7 @@ stride r) trims r samples on both sides, so a block maps L samples to (L - 1) * 
 from __future__ import annotations
 
 import copy
+import wave
 from typing import Any, Dict, Union
 
 import torch
@@ -67,3 +68,16 @@ def build_code2wav(hf_config: Union[Qwen3OmniMoeCode2WavConfig, Dict[str, Any]],
     with torch.device(device):
         model = Qwen3OmniMoeCode2Wav(config)
     return Code2Wav(model.to(dtype), frozen=frozen)
+
+
+SAMPLE_RATE = 24000  # Code2Wav's output: 1,920 samples per 12.5 Hz codec frame
+
+
+def write_wav(path, waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> None:
+    """[n] floats in [-1, 1] -> a mono 16-bit PCM WAV file."""
+    pcm = (waveform.detach().float().flatten().clamp(-1, 1).cpu() * 32767).round().to(torch.int16)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes(pcm.numpy().tobytes())
